@@ -83,7 +83,8 @@ def append_attention(
 
     Query row ``i`` of sequence ``b`` sees logical keys ``j <= kv_lens[b] - q_lens[b] + i``.
     Returns ``out [B, Sq, Hq, D]`` (q's dtype, rows past ``q_lens[b]`` zero) and
-    ``lse [B, Hq, Sq]`` float32 natural-log sum-exp (``-inf`` on rows past ``q_lens[b]``).
+    ``lse [B, Hq, Sq]`` float32 natural-log sum-exp (``-inf`` on rows past ``q_lens[b]``;
+    float64 when q is float64, so the reference stays exact as ground truth).
     """
     batch, hq, sq, d = q.shape
     hkv = k_cache.shape[1]
@@ -93,7 +94,8 @@ def append_attention(
     qls = _host_list(q_lens, batch, sq)
     offs = _host_list(ring_offset, batch, 0)
     out = torch.zeros(batch, sq, hq, d, dtype=q.dtype, device=q.device)
-    lse = torch.full((batch, hq, sq), float("-inf"), dtype=torch.float32, device=q.device)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # keep truth exact
+    lse = torch.full((batch, hq, sq), float("-inf"), dtype=lse_dtype, device=q.device)
     for b in range(batch):
         length, ql = lens[b], qls[b]
         if ql == 0:
@@ -110,5 +112,5 @@ def append_attention(
         row_lse = torch.logsumexp(scores, dim=-1)  # [Hq, ql]
         probs = torch.softmax(scores, dim=-1)
         out[b, :ql] = torch.matmul(probs, vals).transpose(0, 1).to(q.dtype)
-        lse[b, :, :ql] = row_lse.float()
+        lse[b, :, :ql] = row_lse.to(lse_dtype)
     return out, lse
