@@ -3,27 +3,30 @@
 // Work decomposition: one work item = (sequence b, kv head, block of packed query rows, KV split).
 // The query rows of all Hq/Hkv heads that share a kv head are packed into one matrix, so every KV
 // tile is read once per kv head (GQA packing). Each item runs an online softmax over tiles of
-// kKeyTile keys: S = Q K^T and O += P V are fp32 GEMMs (ATen's brgemm), the softmax in between
-// is a vectorisable loop. No [Sq, L] score matrix is ever materialised. Decode-sized problems
-// have few items, so the KV range is split and the partial results merged by their log-sum-exp.
+// up to kKeyTile keys: S = Q K^T and O += P V are fp32 tile GEMMs (tile_gemm.h) that read K/V rows in
+// place (bf16 rows are widened to fp32 first); the softmax in between is AVX2 (cpu_math.h).
+// No [Sq, L] score matrix is ever materialised. Decode-sized problems have few items, so the KV
+// range is split and the partial results merged by their log-sum-exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
 #include "cpu_math.h"
+#include "tile_gemm.h"
 
 namespace flashback {
 namespace {
 
 constexpr int64_t kRowBlock = 64;   // packed query rows per work item
 constexpr int64_t kKeyTile = 128;   // keys per softmax tile
+constexpr int64_t kDecodeKeyTile = 512;  // longer tiles when few rows: fewer, larger GEMM calls
 constexpr int64_t kMinSplitKeys = 512;  // never split the KV range finer than this
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -65,11 +68,14 @@ class AttentionCpu {
                 Partial part, std::vector<float>& scratch) const {
     const SeqInfo& s = seqs_[b];
     const int64_t d = d_;
-    scratch.resize(rows * d + d * kKeyTile + kKeyTile * d + rows * kKeyTile);
-    float* qs = scratch.data();               // [rows, D] pre-scaled queries
-    float* kt = qs + rows * d;                // [D, kKeyTile] K tile, transposed
-    float* vs = kt + d * kKeyTile;            // [kKeyTile, D] V tile
-    float* sp = vs + kKeyTile * d;            // [rows, kKeyTile] scores, then probabilities
+    constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+    const int64_t tile = rows <= 16 ? kDecodeKeyTile : kKeyTile;
+    scratch.resize(rows * d + rows * tile + 3 * tile * d);
+    float* qs = scratch.data();          // [rows, D] queries, pre-scaled into log2 units
+    float* sp = qs + rows * d;       // [rows, tile] scores, then probabilities
+    float* kbuf = sp + rows * tile;  // [tile, D] K rows converted to fp32 (bf16 only)
+    float* vbuf = kbuf + tile * d;   // [tile, D] V rows converted to fp32 (bf16 only)
+    float* gemm_scratch = vbuf + tile * d;  // K^T for the brgemm fallback
     std::vector<int64_t> limit(rows);
     int64_t max_limit = -1;
     for (int64_t r = 0; r < rows; ++r) {
@@ -86,31 +92,36 @@ class AttentionCpu {
     k1 = std::min(k1, max_limit + 1);
     const int64_t ring = cap_ - sink_;
     const int64_t head_base = (b * hkv_ + hk) * cap_ * d;
-    for (int64_t t0 = k0; t0 < k1; t0 += kKeyTile) {
-      const int64_t nt = std::min(kKeyTile, k1 - t0);
-      for (int64_t n = 0; n < nt; ++n) {  // gather the tile in logical order
-        const int64_t off = head_base + slot_of(t0 + n, sink_, ring, s.ring_offset) * d;
-        const scalar_t* krow = kc_ + off;
-        for (int64_t i = 0; i < d; ++i) kt[i * kKeyTile + n] = static_cast<float>(krow[i]);
-        load_row_f32(vc_ + off, vs + n * d, d);
+    for (int64_t t0 = k0; t0 < k1;) {
+      // A tile never crosses the sink boundary or the ring's wrap point, so its K/V rows are
+      // consecutive in memory and are read in place.
+      const int64_t first = slot_of(t0, sink_, ring, s.ring_offset);
+      const int64_t run = t0 < sink_ ? sink_ - t0 : cap_ - first;
+      const int64_t nt = std::min({tile, k1 - t0, run});
+      const scalar_t* krows = kc_ + head_base + first * d;
+      const scalar_t* vrows = vc_ + head_base + first * d;
+      const float* kf;
+      const float* vf;
+      if constexpr (kFloat) {
+        kf = krows;
+        vf = vrows;
+      } else {
+        for (int64_t i = 0; i < nt * d; ++i) kbuf[i] = static_cast<float>(krows[i]);
+        for (int64_t i = 0; i < nt * d; ++i) vbuf[i] = static_cast<float>(vrows[i]);
+        kf = kbuf;
+        vf = vbuf;
       }
-      at::native::cpublas::brgemm(rows, nt, d, d, kKeyTile, kKeyTile, false, qs, kt, sp, false);
+      gemm_.qk(rows, nt, d, qs, d, kf, d, sp, tile, gemm_scratch);
       for (int64_t r = 0; r < rows; ++r) {
-        float* srow = sp + r * kKeyTile;
+        float* srow = sp + r * tile;
         const int64_t visible = std::clamp<int64_t>(limit[r] - t0 + 1, 0, nt);
-        float tile_max = kNegInf;
-        for (int64_t n = 0; n < visible; ++n) tile_max = std::max(tile_max, srow[n]);
+        const float tile_max = row_max(srow, visible);
         const float m_new = std::max(part.m[r], tile_max);
         if (m_new == kNegInf) {  // nothing visible yet for this row
           std::fill(srow, srow + nt, 0.f);
           continue;
         }
-        float sum = 0.f;
-        for (int64_t n = 0; n < visible; ++n) {
-          const float p = fast_exp2(srow[n] - m_new);
-          srow[n] = p;
-          sum += p;
-        }
+        const float sum = exp2_shift_sum(srow, visible, m_new);
         std::fill(srow + visible, srow + nt, 0.f);
         const float alpha = fast_exp2(part.m[r] - m_new);  // 0 when m was -inf
         part.l[r] = part.l[r] * alpha + sum;
@@ -120,7 +131,8 @@ class AttentionCpu {
           for (int64_t i = 0; i < d; ++i) orow[i] *= alpha;
         }
       }
-      at::native::cpublas::brgemm(rows, d, nt, kKeyTile, d, d, true, sp, vs, part.o, false);
+      gemm_.pv_accumulate(rows, d, nt, sp, tile, vf, d, part.o, d);
+      t0 += nt;
     }
   }
 
@@ -149,6 +161,7 @@ class AttentionCpu {
   std::vector<SeqInfo> seqs_;
   int64_t sink_, batch_, hq_, sq_, d_, hkv_, cap_, group_;
   float scale_log2_;
+  TileGemm gemm_;
 };
 
 template <typename scalar_t>
@@ -167,9 +180,12 @@ void run_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t row_blocks = (max_rows + kRowBlock - 1) / kRowBlock;
   // Split the KV range only when the other dimensions cannot keep every thread busy.
   const int64_t base_items = batch * hkv * row_blocks;
-  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
-  int64_t splits = std::max<int64_t>(1, (want + base_items - 1) / base_items);
-  splits = std::min(splits, std::max<int64_t>(1, max_len / kMinSplitKeys));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t max_splits = std::max<int64_t>(1, max_len / kMinSplitKeys);
+  int64_t splits = std::max<int64_t>(1, (4 * threads + base_items - 1) / base_items);
+  // prefer a split count that hands every thread the same number of items
+  while (splits > 1 && splits < max_splits && (base_items * splits) % threads != 0) ++splits;
+  splits = std::min(splits, max_splits);
   const int64_t items = base_items * splits;
   // Split partials: [items, kRowBlock, D] plus m and l; merged afterwards in item order,
   // so the result does not depend on which thread ran which item.
@@ -194,7 +210,7 @@ void run_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       attn.run_item(b, hk, r0, rows, k0, k1, part, scratch);
       if (splits == 1) attn.write_rows(b, hk, r0, rows, part.o, part.m, part.l, out, lse);
     }
-    at::native::cpublas::brgemm_release();
+    TileGemm::release();
   });
   if (splits == 1) return;
 
