@@ -55,11 +55,17 @@ def test_append_attention_rejects(name):
         _call_attention(s)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for a device mismatch")
 def test_append_attention_rejects_device_mismatch():
     s = _state()
-    s["q"] = s["q"].cuda()
-    with pytest.raises(ValueError, match="cache is on cpu"):
+    s["q"] = s["q"].to("meta")  # any device other than the cache's; no GPU needed
+    with pytest.raises(ValueError, match="q is on meta but the cache is on cpu"):
+        _call_attention(s)
+
+
+def test_lengths_on_wrong_device():
+    s = _state()
+    s["kv_lens"] = s["kv_lens"].to("meta")
+    with pytest.raises(ValueError, match="kv_lens must be on the cache's device"):
         _call_attention(s)
 
 

@@ -89,19 +89,28 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeParams p) 
   const int64_t offset = ((static_cast<int64_t>(p.ring_offset[b]) % ring) + ring) % ring;
   const T* kbase = static_cast<const T*>(p.k_cache) + (b * p.hkv + hk) * p.capacity * D;
   const T* vbase = static_cast<const T*>(p.v_cache) + (b * p.hkv + hk) * p.capacity * D;
-  for (int64_t j = k_begin + grp; j < k_end; j += kGroups) {
-    const int64_t row = slot_of(j, p.sink, ring, offset) * D + lane * 8;
-    float kf[8], vf[8];
-    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(kbase + row)), kf);
-    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(vbase + row)), vf);
+  // Every lane runs the same number of iterations (the shuffles need the whole warp); a lane
+  // group past the end of the split computes on zeros and skips the update.
+  const int64_t iters = (k_end - k_begin + kGroups - 1) / kGroups;
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t j = k_begin + it * kGroups + grp;
+    const bool valid = j < k_end;
+    float kf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float vf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (valid) {
+      const int64_t row = slot_of(j, p.sink, ring, offset) * D + lane * 8;
+      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(kbase + row)), kf);
+      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(vbase + row)), vf);
+    }
 #pragma unroll
     for (int g = 0; g < kMaxHeads; ++g) {
-      if (g >= heads) break;
+      if (g >= heads) break;  // uniform across the block
       float s = 0.f;
 #pragma unroll
       for (int e = 0; e < 8; ++e) s = fmaf(q[g][e], kf[e], s);
 #pragma unroll
       for (int w = kLanes / 2; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffffu, s, w);
+      if (!valid) continue;
       const float m_new = fmaxf(m[g], s);
       const float alpha = exp2f(m[g] - m_new), pr = exp2f(s - m_new);
       l[g] = l[g] * alpha + pr;
