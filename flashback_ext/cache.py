@@ -122,9 +122,13 @@ class RingKVCache:
         return ops.append_attention(q, k, v, kv_lens, ring_offset, self.sink, scale, ql)
 
     # ---------------------------------------------------------------------------- mutation
-    def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
+               counts: Optional[Sequence[int]] = None) -> None:
         """Append ``k_new, v_new [B, Hkv, n, D]`` after the current tokens of every sequence.
 
+        ``counts[b]`` (default ``n``) is how many of the ``n`` tokens are real for sequence ``b``
+        (a right-padded ragged block): all ``n`` are written, the length grows by ``counts[b]``,
+        so the padding is invisible and overwritten later.
         On overflow: ``"error"`` raises :class:`CacheOverflowError` before writing; ``"evict"``
         first drops the oldest non-sink tokens (advancing the ring) so the block fits.
         Every check happens before any state changes.
@@ -134,6 +138,9 @@ class RingKVCache:
             raise ValueError(f"k_new must be a [B, Hkv, n, D] tensor, got "
                              f"{getattr(k_new, 'shape', type(k_new).__name__)}")
         n = k_new.shape[2]
+        grow = [n] * self.batch_size if counts is None else self._per_seq(list(counts), "counts")
+        if any(c > n for c in grow):
+            raise ValueError(f"counts {list(grow)} exceed the block length {n}")
         lens, offs, evicted = list(self._len[layer]), list(self._off[layer]), list(self._evicted[layer])
         ring = self.capacity - self.sink
         for b in range(self.batch_size):
@@ -158,7 +165,7 @@ class RingKVCache:
             write_pos = write_pos.to(self.device, non_blocking=True)
             ring_off = ring_off.to(self.device, non_blocking=True)
         ops.kv_append(k_new, v_new, self.k[layer], self.v[layer], write_pos, ring_off, self.sink)
-        self._len[layer] = [x + n for x in lens]
+        self._len[layer] = [x + c for x, c in zip(lens, grow)]
         self._off[layer] = offs
         self._evicted[layer] = evicted
         self._sync(layer)

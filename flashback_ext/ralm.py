@@ -1,0 +1,324 @@
+"""The RALM generation engine: FlashBack append mode, the In-Context RALM prepend baseline, and
+plain decoding, on a patched Hugging Face Llama-family model with a :class:`FlashBackCache`.
+
+Every ``stride`` generated tokens the engine retrieves with the last ``query_tokens`` tokens as
+the query. What the model then sees, per mode:
+
+* ``append`` (FlashBack): ``context | E | new tokens`` with ``E = <MARK_L> passage <MARK_R>``
+  (markers when the tokenizer has them). At a retrieval the cache is rolled back (O(1)) to the end
+  of the previous context and ``[tokens since then | E_new]`` is forwarded as ONE block; the
+  context's KV cache is never recomputed.
+* ``prepend`` (In-Context RALM): ``E | context``, re-encoded from scratch at every retrieval.
+* ``none``: the context alone.
+
+Batches of prompts of different lengths run together (right-padded ragged blocks); every
+sequence retrieves after the same number of generated tokens.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .hf import FlashBackCache, cache_kwarg_name, patch_model
+
+__all__ = ["RALMGenerator", "GenerationResult", "RetrievalRecord", "Timing", "MARK_L", "MARK_R"]
+
+logger = logging.getLogger(__name__)
+
+MARK_L, MARK_R = "<MARK_L>", "<MARK_R>"
+MODES = ("append", "prepend", "none")
+
+
+@dataclass
+class RetrievalRecord:
+    generated: int  # tokens generated before this retrieval
+    query: str
+    passage_ids: list[int]
+    titles: list[str]
+    scores: list[float]
+
+
+@dataclass
+class Timing:
+    retrieval_s: float = 0.0
+    block_s: float = 0.0  # append blocks / prepend re-encodes / the initial prefill
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    decode_steps: int = 0
+    retrievals: int = 0
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.decode_s / max(1, self.decode_steps)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    retrievals: list[RetrievalRecord]
+    timing: Timing  # shared by the whole batch
+    finish_reason: str = "length"
+    trace: list[tuple[list[int], torch.Tensor]] = field(default_factory=list, repr=False)
+
+
+class RALMGenerator:
+    """Retrieval-augmented generation with KV-cache reuse.
+
+    Args:
+        model, tokenizer: a Hugging Face Llama/Mistral/Qwen2 causal LM (patched here) and its
+            tokenizer.
+        retriever: anything with ``search_batch(queries, k) -> list[list[Hit]]`` (see
+            :mod:`flashback_ext.retrieval`); not needed for ``mode="none"``.
+        mode: ``"append"`` (FlashBack), ``"prepend"`` (In-Context RALM) or ``"none"``.
+        stride: generated tokens between retrievals (16 in the paper).
+        query_tokens: tokens of the retrieval query (the last ``query_tokens`` of the text).
+        passage_tokens: tokens kept of each retrieved passage.
+        k: passages per retrieval (concatenated inside one marker pair).
+        use_markers: wrap passages in ``<MARK_L> … <MARK_R>``; default: when the tokenizer has them.
+        capacity: cache slots per sequence; default: enough for the prompt, the new tokens and
+            one retrieval block.
+        overflow, sink: the cache's overflow policy (``"error"`` or ``"evict"``) and pinned tokens.
+    """
+
+    def __init__(self, model, tokenizer, retriever=None, *, mode: str = "append", stride: int = 16,
+                 query_tokens: int = 32, passage_tokens: int = 128, k: int = 1,
+                 use_markers: Optional[bool] = None, capacity: Optional[int] = None,
+                 overflow: str = "error", sink: int = 0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("stride", stride), ("query_tokens", query_tokens),
+                            ("passage_tokens", passage_tokens), ("k", k)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        if mode != "none" and retriever is None:
+            raise ValueError(f"mode={mode!r} needs a retriever (or use mode='none')")
+        self.model = patch_model(model)
+        self.tokenizer, self.retriever, self.mode = tokenizer, retriever, mode
+        self.stride, self.query_tokens, self.passage_tokens, self.k = stride, query_tokens, passage_tokens, k
+        self.capacity, self.overflow, self.sink = capacity, overflow, sink
+        vocab = tokenizer.get_vocab()
+        has_markers = MARK_L in vocab and MARK_R in vocab
+        if use_markers and not has_markers:
+            raise ValueError(f"use_markers=True but the tokenizer has no {MARK_L}/{MARK_R} tokens "
+                             f"(add them with flashback_ext.marking)")
+        self.use_markers = has_markers if use_markers is None else use_markers
+        self.markers = (vocab[MARK_L], vocab[MARK_R]) if self.use_markers else None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._body, self._head = base.model, base.get_output_embeddings()
+        self._cache_kw = cache_kwarg_name(self._body)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.eos_ids = self._eos_ids()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------------------ helpers
+    def _eos_ids(self) -> set[int]:
+        ids = self.tokenizer.eos_token_id
+        ids = ids if isinstance(ids, (list, tuple, set)) else [ids]
+        cfg = getattr(self.model, "generation_config", None)
+        extra = getattr(cfg, "eos_token_id", None)
+        extra = extra if isinstance(extra, (list, tuple, set)) else [extra]
+        return {int(i) for i in list(ids) + list(extra) if i is not None}
+
+    def passage_block(self, hits) -> list[int]:
+        """Token ids of ``E``: the hits' passages (each cut to ``passage_tokens``), with markers."""
+        ids: list[int] = []
+        for hit in hits:
+            p = hit.passage
+            tokens = p.token_ids or self.tokenizer.encode(p.text, add_special_tokens=False)
+            ids += list(tokens[: self.passage_tokens])
+        return [self.markers[0], *ids, self.markers[1]] if self.markers else ids
+
+    def _retrieve(self, tokens: list[list[int]], active: list[bool], generated: int,
+                  logs: list[list[RetrievalRecord]], exclude_doc_ids) -> list[list[int]]:
+        queries = [self.tokenizer.decode(t[-self.query_tokens:]) for t in tokens]
+        excl = None if exclude_doc_ids is None else [list(exclude_doc_ids)] * len(tokens)
+        hits = self.retriever.search_batch(queries, self.k, exclude_doc_ids=excl)
+        blocks = []
+        for b, h in enumerate(hits):
+            blocks.append(self.passage_block(h))
+            if active[b]:
+                logs[b].append(RetrievalRecord(generated, queries[b], [x.passage.id for x in h],
+                                               [x.passage.title for x in h], [x.score for x in h]))
+        return blocks
+
+    @torch.no_grad()
+    def _forward(self, cache: FlashBackCache, blocks: list[list[int]]) -> list[Optional[torch.Tensor]]:
+        """Forward a right-padded ragged block; next-token logits per sequence (None if empty)."""
+        counts = [len(b) for b in blocks]
+        n = max(counts)
+        if n == 0:
+            return [None] * len(blocks)
+        ids = torch.full((len(blocks), n), self.pad_id, dtype=torch.long)
+        for b, block in enumerate(blocks):
+            ids[b, : len(block)] = torch.tensor(block, dtype=torch.long)
+        ids = ids.to(self.device)
+        cache.new_tokens = None if all(c == n for c in counts) else counts
+        positions = cache.position_ids(n)
+        try:
+            hidden = self._body(input_ids=ids, position_ids=positions,
+                                attention_mask=cache.dummy_mask(), use_cache=True,
+                                **{self._cache_kw: cache}).last_hidden_state
+        finally:
+            cache.new_tokens = None
+        rows = torch.tensor([max(c - 1, 0) for c in counts], device=self.device)
+        last = hidden[torch.arange(len(blocks), device=self.device), rows]
+        logits = self._head(last).float()
+        return [logits[b] if counts[b] > 0 else None for b in range(len(blocks))]
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
+                top_p: float, gen: Optional[torch.Generator]) -> int:
+        if not do_sample:
+            return int(torch.argmax(logits))
+        logits = logits / max(temperature, 1e-5)
+        if top_k > 0:
+            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+    # ----------------------------------------------------------------------------- generate
+    def generate(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 64, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: Optional[int] = None, stop_on_eos: bool = True,
+                 stream: Optional[Callable[[int, int, str], None]] = None,
+                 exclude_doc_ids: Optional[Sequence[str]] = None,
+                 trace: bool = False) -> Union[GenerationResult, list[GenerationResult]]:
+        """Generate ``max_new_tokens`` after each prompt (a string or a list of strings).
+
+        ``stream(index, token_id, text)`` is called for every new token. ``trace=True`` records,
+        for every generated token, the exact token sequence the model attended over and its
+        next-token logits (for tests: they must equal a from-scratch forward of that sequence).
+        Returns one :class:`GenerationResult` per prompt (a single one for a string prompt).
+        """
+        single = isinstance(prompts, str)
+        prompt_list = [prompts] if single else list(prompts)
+        if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
+            raise ValueError("prompts must be a non-empty string or list of strings")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        tokens = [self.tokenizer.encode(p) for p in prompt_list]
+        if any(len(t) == 0 for t in tokens):
+            raise ValueError("every prompt must encode to at least one token")
+        results = self._run(tokens, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
+                            stop_on_eos, stream, exclude_doc_ids, trace)
+        return results[0] if single else results
+
+    def _capacity(self, tokens: list[list[int]], max_new: int) -> int:
+        block = self.k * self.passage_tokens + 2 if self.mode != "none" else 0
+        need = max(len(t) for t in tokens) + max_new + block + self.stride + 1
+        if self.capacity is None:
+            return need
+        if self.capacity < need and self.overflow == "error":
+            raise ValueError(f"the prompt ({max(len(t) for t in tokens)} tokens) plus "
+                             f"{max_new} new tokens and a retrieval block need {need} cache slots, "
+                             f"capacity is {self.capacity}; raise capacity or use overflow='evict'")
+        return self.capacity
+
+    def _run(self, tokens, max_new, do_sample, temperature, top_k, top_p, seed, stop_on_eos,
+             stream, exclude_doc_ids, trace) -> list[GenerationResult]:
+        start_all = time.perf_counter()
+        batch = len(tokens)
+        prompt_lens = [len(t) for t in tokens]
+        cache = FlashBackCache.for_model(self.model, batch, self._capacity(tokens, max_new),
+                                         overflow=self.overflow, sink=self.sink)
+        timing = Timing()
+        logs: list[list[RetrievalRecord]] = [[] for _ in range(batch)]
+        traces: list[list] = [[] for _ in range(batch)]
+        views: list[list[int]] = [[] for _ in range(batch)]  # what each cache holds, in order
+        active = [True] * batch
+        finish = ["length"] * batch
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        ctx = [0] * batch  # end (absolute position) of the committed context, append mode
+
+        def run_block(blocks: list[list[int]], reset: bool) -> list:
+            t0 = time.perf_counter()
+            if reset:
+                cache.reset()
+            for b, block in enumerate(blocks):
+                views[b] = ([] if reset else views[b]) + block
+            logits = self._forward(cache, blocks)
+            timing.block_s += time.perf_counter() - t0
+            return logits
+
+        def retrieval_blocks(generated: int) -> list[list[int]]:
+            t0 = time.perf_counter()
+            blocks = self._retrieve(tokens, active, generated, logs, exclude_doc_ids)
+            timing.retrieval_s += time.perf_counter() - t0
+            timing.retrievals += 1
+            return blocks
+
+        # first forward: the prompt (with the first retrieval unless mode == "none")
+        if self.mode == "none":
+            logits = run_block([list(t) for t in tokens], reset=True)
+        elif self.mode == "prepend":
+            passages = retrieval_blocks(0)
+            logits = run_block([p + t for p, t in zip(passages, tokens)], reset=True)
+        else:  # append: prefill all but the last stride, then [last stride | E] as one block
+            ctx = [max(0, n - self.stride) for n in prompt_lens]
+            run_block([t[:c] for t, c in zip(tokens, ctx)], reset=True)
+            passages = retrieval_blocks(0)
+            logits = run_block([t[c:] + p for t, c, p in zip(tokens, ctx, passages)], reset=False)
+            ctx = prompt_lens[:]
+        pending: list[Optional[int]] = [None] * batch  # sampled, not yet forwarded
+
+        for step in range(max_new):
+            for b in range(batch):
+                if not active[b]:
+                    continue
+                tok = self._sample(logits[b], do_sample, temperature, top_k, top_p, gen)
+                if trace:
+                    traces[b].append((views[b][:], logits[b].detach().cpu()))
+                tokens[b].append(tok)
+                pending[b] = tok
+                if stream is not None:
+                    stream(b, tok, self.tokenizer.decode([tok]))
+                if stop_on_eos and tok in self.eos_ids:
+                    active[b], finish[b], pending[b] = False, "eos", None
+            if not any(active) or step == max_new - 1:
+                break
+            generated = step + 1
+            if self.mode != "none" and generated % self.stride == 0:
+                passages = retrieval_blocks(generated)
+                if self.mode == "prepend":
+                    blocks = [p + t if active[b] else [] for b, (p, t) in enumerate(zip(passages, tokens))]
+                    logits = run_block(blocks, reset=True)
+                else:
+                    # roll back to the end of the previous context, then [new tokens | E_new]
+                    back = [cache.next_positions()[b] - ctx[b] for b in range(batch)]
+                    cache.rollback(back)
+                    for b in range(batch):
+                        views[b] = views[b][: len(views[b]) - back[b]]
+                    blocks = [tokens[b][ctx[b]:] + passages[b] if active[b] else [] for b in range(batch)]
+                    logits = run_block(blocks, reset=False)
+                    ctx = [len(t) if active[b] else ctx[b] for b, t in enumerate(tokens)]
+            else:
+                t0 = time.perf_counter()
+                blocks = [[pending[b]] if active[b] else [] for b in range(batch)]
+                for b in range(batch):
+                    views[b] += blocks[b]
+                logits = self._forward(cache, blocks)
+                timing.decode_s += time.perf_counter() - t0
+                timing.decode_steps += 1
+            pending = [None] * batch
+        timing.total_s = time.perf_counter() - start_all
+        results = []
+        for b in range(batch):
+            new = tokens[b][prompt_lens[b]:]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            results.append(GenerationResult(text, new, prompt_lens[b], logs[b], timing, finish[b],
+                                            traces[b]))
+        return results

@@ -1,0 +1,48 @@
+"""Tiny stand-ins for engine tests: a byte-level tokenizer and an in-memory retriever."""
+from __future__ import annotations
+
+from flashback_ext.retrieval import Corpus, Hit, Passage
+
+
+class ByteTokenizer:
+    """Bytes 0-255 are tokens 0-255; 256 = EOS; optional marker tokens after that."""
+
+    eos_token_id = 256
+    pad_token_id = 0
+
+    def __init__(self, markers: bool = False) -> None:
+        self._vocab = {f"<{i}>": i for i in range(257)}
+        if markers:
+            self._vocab.update({"<MARK_L>": 257, "<MARK_R>": 258})
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._vocab)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def __call__(self, text):
+        return {"input_ids": self.encode(text)}
+
+
+class ListRetriever:
+    """Returns passages in a fixed rotation, so consecutive retrievals differ."""
+
+    def __init__(self, texts: list[str], tokenizer) -> None:
+        self.corpus = Corpus.from_documents(((str(i), f"doc{i}", t) for i, t in enumerate(texts)),
+                                            tokenizer, max_tokens=128, progress=False)
+        self.calls = 0
+
+    def search_batch(self, queries, k=1, exclude_doc_ids=None, exclude_titles=None):
+        out = []
+        for qi, _ in enumerate(queries):
+            hits = []
+            for j in range(k):
+                p: Passage = self.corpus.passages[(self.calls + qi + j) % len(self.corpus)]
+                hits.append(Hit(p, 1.0 / (1 + j)))
+            out.append(hits)
+        self.calls += 1
+        return out
