@@ -10,13 +10,14 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.
 # ninja and the venv's tools come first on PATH (torch's extension builder looks there)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all build test demo bench-cpu clean
+.PHONY: all build test demo ops-demo bench-cpu clean
 
 all: test
 
-$(DEPS_STAMP): requirements.txt
+$(DEPS_STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
@@ -29,6 +30,9 @@ test: build
 	$(PY) -m pytest python_tests -q
 
 demo: build
+	$(VENV)/bin/flashback demo
+
+ops-demo: build
 	$(PY) examples/ops_demo.py
 
 bench-cpu: build

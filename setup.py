@@ -97,7 +97,8 @@ setup(
     description="FlashBack retrieval-augmented generation with KV-cache reuse: C++/CUDA ops and tools",
     packages=find_packages(include=["flashback_ext", "flashback_ext.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "numpy"],
+    install_requires=["torch", "numpy", "transformers", "tqdm", "bm25s", "faiss-cpu"],
+    entry_points={"console_scripts": ["flashback=flashback_ext.cli:main"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -44,8 +44,9 @@ class RetrievalRecord:
 
 @dataclass
 class Timing:
-    retrieval_s: float = 0.0
-    block_s: float = 0.0  # append blocks / prepend re-encodes / the initial prefill
+    retrieval_s: float = 0.0  # retriever searches
+    prefill_s: float = 0.0  # the prompt before the first retrieval block (append, none)
+    block_s: float = 0.0  # retrieval blocks: append blocks / prepend re-encodes
     decode_s: float = 0.0
     total_s: float = 0.0
     decode_steps: int = 0
@@ -54,6 +55,10 @@ class Timing:
     @property
     def ms_per_token(self) -> float:
         return 1e3 * self.decode_s / max(1, self.decode_steps)
+
+    @property
+    def ms_per_block(self) -> float:
+        return 1e3 * self.block_s / max(1, self.retrievals)
 
 
 @dataclass
@@ -139,7 +144,8 @@ class RALMGenerator:
 
     def _retrieve(self, tokens: list[list[int]], active: list[bool], generated: int,
                   logs: list[list[RetrievalRecord]], exclude_doc_ids) -> list[list[int]]:
-        queries = [self.tokenizer.decode(t[-self.query_tokens:]) for t in tokens]
+        queries = [self.tokenizer.decode(t[-self.query_tokens:], skip_special_tokens=True)
+                   for t in tokens]
         excl = None if exclude_doc_ids is None else [list(exclude_doc_ids)] * len(tokens)
         hits = self.retriever.search_batch(queries, self.k, exclude_doc_ids=excl)
         blocks = []
@@ -244,14 +250,18 @@ class RALMGenerator:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx = [0] * batch  # end (absolute position) of the committed context, append mode
 
-        def run_block(blocks: list[list[int]], reset: bool) -> list:
+        def run_block(blocks: list[list[int]], reset: bool, prefill: bool = False) -> list:
             t0 = time.perf_counter()
             if reset:
                 cache.reset()
             for b, block in enumerate(blocks):
                 views[b] = ([] if reset else views[b]) + block
             logits = self._forward(cache, blocks)
-            timing.block_s += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            if prefill:
+                timing.prefill_s += elapsed
+            else:
+                timing.block_s += elapsed
             return logits
 
         def retrieval_blocks(generated: int) -> list[list[int]]:
@@ -263,13 +273,13 @@ class RALMGenerator:
 
         # first forward: the prompt (with the first retrieval unless mode == "none")
         if self.mode == "none":
-            logits = run_block([list(t) for t in tokens], reset=True)
+            logits = run_block([list(t) for t in tokens], reset=True, prefill=True)
         elif self.mode == "prepend":
             passages = retrieval_blocks(0)
             logits = run_block([p + t for p, t in zip(passages, tokens)], reset=True)
         else:  # append: prefill all but the last stride, then [last stride | E] as one block
             ctx = [max(0, n - self.stride) for n in prompt_lens]
-            run_block([t[:c] for t, c in zip(tokens, ctx)], reset=True)
+            run_block([t[:c] for t, c in zip(tokens, ctx)], reset=True, prefill=True)
             passages = retrieval_blocks(0)
             logits = run_block([t[c:] + p for t, c, p in zip(tokens, ctx, passages)], reset=False)
             ctx = prompt_lens[:]

@@ -1,0 +1,334 @@
+"""The ``flashback`` command line: ``demo`` (the main job), ``generate`` and ``index build|search``.
+
+Everything runs offline on the embedded defaults: the SmolLM2-135M-Instruct model and the
+Python language reference shipped with CPython as the retrieval corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+DEMO_QUESTIONS = [
+    "What does the yield statement do in a Python function?",
+    "How do you write a lambda expression in Python?",
+    "What happens to the else clause of a for loop in Python?",
+]
+
+
+def as_prompt(tokenizer, question: str) -> str:
+    """The tokenizer's chat template when it has one (instruct models), else Q/A text."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                             tokenize=False, add_generation_prompt=True)
+    return f"Question: {question}\nAnswer:"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------ shared
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="a local Hugging Face Llama-family folder, or 'default' (SmolLM2-135M)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="default",
+                   help="a .txt file, a folder of .txt/.md files, a .jsonl with title/text, or "
+                        "'default' (the Python language reference shipped with CPython)")
+    p.add_argument("--index", default=None, help="a saved index folder (overrides --corpus)")
+    p.add_argument("--retriever", choices=["bm25", "dense"], default="bm25")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stride", type=int, default=16, help="generated tokens between retrievals")
+    p.add_argument("--query-tokens", type=int, default=32)
+    p.add_argument("--passage-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=1, help="passages per retrieval")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--no-markers", action="store_true", help="never wrap passages in markers")
+    p.add_argument("--capacity", type=int, default=None, help="cache slots per sequence")
+    p.add_argument("--overflow", choices=["error", "evict"], default="error")
+
+
+def _load(args):
+    import torch
+
+    from .models import load_model
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda but no CUDA device is visible")
+    try:
+        return load_model(args.model, device=device)
+    except (FileNotFoundError, OSError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
+
+
+def _corpus_key(corpus: str, tokenizer, kind: str, passage_tokens: int) -> str:
+    ident = f"{corpus}|{kind}|{passage_tokens}|{tokenizer.name_or_path}|{len(tokenizer)}"
+    if corpus != "default":
+        p = Path(corpus).expanduser()
+        if p.exists():
+            stamp = max((f.stat().st_mtime for f in ([p] if p.is_file() else p.rglob("*"))),
+                        default=0)
+            ident += f"|{p.resolve()}|{stamp}"
+    return hashlib.sha1(ident.encode()).hexdigest()[:16]
+
+
+def _retriever(args, tokenizer):
+    """Load --index, or build (and cache) an index of --corpus for this tokenizer."""
+    from .models import cache_dir
+    from .retrieval import Corpus, RetrievalError, build_index, load_index
+
+    try:
+        if args.index:
+            return load_index(args.index)
+        folder = cache_dir() / "indexes" / _corpus_key(args.corpus, tokenizer, args.retriever,
+                                                       args.passage_tokens)
+        if (folder / "meta.json").exists():
+            try:
+                return load_index(folder)
+            except RetrievalError:
+                logging.getLogger(__name__).warning("rebuilding the corrupt cached index %s", folder)
+        if args.corpus == "default":
+            corpus = Corpus.default(tokenizer, args.passage_tokens)
+        else:
+            corpus = Corpus.from_path(args.corpus, tokenizer, args.passage_tokens)
+        retriever = build_index(corpus, args.retriever)
+        retriever.save(folder)
+        return retriever
+    except RetrievalError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _generator(args, model, tokenizer, retriever, mode: str):
+    from .ralm import RALMGenerator
+
+    try:
+        return RALMGenerator(model, tokenizer, retriever, mode=mode, stride=args.stride,
+                             query_tokens=args.query_tokens, passage_tokens=args.passage_tokens,
+                             k=args.k, use_markers=False if args.no_markers else None,
+                             capacity=args.capacity, overflow=args.overflow)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _describe_device(model) -> str:
+    import torch
+
+    param = next(model.parameters())
+    where = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    return f"{param.dtype} on {where}"
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    """Answer a few Python questions with retrieval, append vs prepend, and time both."""
+    t0 = time.perf_counter()
+    model, tokenizer = _load(args)
+    retriever = _retriever(args, tokenizer)
+    print(f"model {args.model} ({model.config.num_hidden_layers} layers, {_describe_device(model)}); "
+          f"corpus: {len(retriever.corpus)} passages ({args.retriever}); setup "
+          f"{time.perf_counter() - t0:.1f} s")
+    questions = args.question or DEMO_QUESTIONS
+    prompts = [as_prompt(tokenizer, q) for q in questions]
+    results = {}
+    for mode in ("append", "prepend"):
+        gen = _generator(args, model, tokenizer, retriever, mode)
+        gen.generate(prompts[:1], max_new_tokens=2)  # warm-up: first-call overheads
+        results[mode] = gen.generate(prompts, max_new_tokens=args.max_new_tokens)
+    for i, q in enumerate(questions):
+        print("\n" + "=" * 78)
+        print(q)
+        for mode in ("append", "prepend"):
+            r = results[mode][i]
+            titles = ", ".join(dict.fromkeys(t for rec in r.retrievals for t in rec.titles))
+            print(f"--- {mode} (passages from: {titles})")
+            print(r.text.strip())
+    print("\n" + "=" * 78)
+    print(f"timing, {len(questions)} prompts batched, {args.max_new_tokens} new tokens, "
+          f"retrieval every {args.stride} tokens:")
+    for mode in ("append", "prepend"):
+        t = results[mode][0].timing
+        print(f"  {mode:<8} total {t.total_s:6.2f} s | {t.ms_per_block:7.1f} ms per retrieval block "
+              f"({t.retrievals}) | prefill {t.prefill_s:5.2f} s | decode {t.ms_per_token:6.1f} ms/step "
+              f"| search {t.retrieval_s * 1e3:5.1f} ms")
+    ta, tp = results["append"][0].timing, results["prepend"][0].timing
+    print(f"  append is {tp.total_s / ta.total_s:.2f}x faster end to end, "
+          f"{tp.ms_per_block / max(ta.ms_per_block, 1e-9):.1f}x per retrieval block")
+    if not results["append"][0].retrievals or gen.markers is None:
+        print("  note: without the FlashBack LoRA adapter and marking tokens the base model reads "
+              "appended passages poorly (the paper's 'A.' row); prepend is the quality reference")
+    if args.long_context > 0:
+        _demo_long_context(args, model, tokenizer, retriever)
+    return 0
+
+
+def _demo_long_context(args, model, tokenizer, retriever) -> None:
+    """The same comparison after a long context, where prepending re-encodes much more."""
+    from pydoc_data.topics import topics
+
+    text = topics["compound"] if args.corpus == "default" else retriever.corpus.passages[0].text * 64
+    ids = tokenizer.encode(text)[: args.long_context]
+    prompt = tokenizer.decode(ids)
+    print(f"\nlong context: {len(ids)} prompt tokens, {args.stride * 3} new tokens (3 retrievals)")
+    times = {}
+    for mode in ("append", "prepend"):
+        gen = _generator(args, model, tokenizer, retriever, mode)
+        r = gen.generate(prompt, max_new_tokens=args.stride * 3, stop_on_eos=False)
+        t = r.timing
+        times[mode] = t
+        print(f"  {mode:<8} total {t.total_s:6.2f} s | {t.ms_per_block:7.1f} ms per retrieval block "
+              f"({t.retrievals}) | prefill {t.prefill_s:5.2f} s | decode {t.ms_per_token:6.1f} ms/step")
+    ta, tp = times["append"], times["prepend"]
+    print(f"  append is {tp.total_s / ta.total_s:.2f}x faster end to end, "
+          f"{tp.ms_per_block / max(ta.ms_per_block, 1e-9):.1f}x per retrieval block")
+
+
+def cmd_generate(args) -> int:
+    from .cache import CacheOverflowError
+
+    if not args.prompt:
+        raise CliError("give at least one --prompt")
+    model, tokenizer = _load(args)
+    retriever = None if args.mode == "none" else _retriever(args, tokenizer)
+    gen = _generator(args, model, tokenizer, retriever, args.mode)
+    prompts = [as_prompt(tokenizer, p) for p in args.prompt] if args.chat else args.prompt
+    stream = None
+    if args.stream and len(args.prompt) == 1:
+        stream = lambda b, tok, text: print(text, end="", flush=True)  # noqa: E731
+    try:
+        results = gen.generate(prompts, max_new_tokens=args.max_new_tokens,
+                               do_sample=args.sample, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=stream)
+    except (ValueError, CacheOverflowError) as exc:
+        raise CliError(str(exc)) from None
+    if stream is not None:
+        print()
+    for prompt, r in zip(prompts, results):
+        if stream is None:
+            print(f"{prompt}{r.text}")
+        for rec in r.retrievals:
+            print(f"  [retrieval after {rec.generated} tokens] query={rec.query[-60:]!r} -> "
+                  + ", ".join(f"#{pid} {t} ({s:.2f})" for pid, t, s in zip(rec.passage_ids, rec.titles, rec.scores)),
+                  file=sys.stderr)
+    t = results[0].timing
+    print(f"[{args.mode}] {t.total_s:.2f} s total, {t.retrievals} retrievals, "
+          f"{t.ms_per_token:.1f} ms/decode step", file=sys.stderr)
+    return 0
+
+
+def cmd_index(args) -> int:
+    from .retrieval import RetrievalError, load_index
+
+    if args.action == "build":
+        from transformers import AutoTokenizer
+
+        from .models import DEFAULT_MODEL, default_model_path
+
+        path = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
+        if not (Path(path) / "tokenizer_config.json").exists() and not (Path(path) / "tokenizer.json").exists():
+            raise CliError(f"no tokenizer at {path}")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        args.index = None
+        retriever = _retriever(args, tokenizer)
+        if args.out:
+            retriever.save(args.out)
+        print(f"indexed {len(retriever.corpus)} passages ({args.retriever})"
+              + (f" into {args.out}" if args.out else ""))
+        return 0
+    try:
+        retriever = load_index(args.index)
+        hits = retriever.search(args.query, k=args.k)
+    except (RetrievalError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    for h in hits:
+        snippet = h.passage.text[:100].replace("\n", " ")
+        print(f"#{h.passage.id} {h.score:8.3f} [{h.passage.title}] {snippet}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashback", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the main job: RALM answers, append vs prepend timing")
+    _add_model_args(demo)
+    _add_retrieval_args(demo)
+    _add_engine_args(demo)
+    demo.add_argument("--question", action="append", help="ask this instead of the built-in questions")
+    demo.add_argument("--long-context", type=int, default=1024,
+                      help="also time both modes after a context of this many tokens (0: skip)")
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="generate with retrieval")
+    _add_model_args(gen)
+    _add_retrieval_args(gen)
+    _add_engine_args(gen)
+    gen.add_argument("--mode", choices=["append", "prepend", "none"], default="append")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    index = sub.add_parser("index", help="build or search a retrieval index")
+    isub = index.add_subparsers(dest="action", required=True)
+    build = isub.add_parser("build", help="index a corpus")
+    build.add_argument("--model", default="default", help="whose tokenizer cuts the passages")
+    build.add_argument("--passage-tokens", type=int, default=128)
+    build.add_argument("--out", default=None, help="save the index here (else the cache dir)")
+    _add_retrieval_args(build)
+    build.set_defaults(func=cmd_index)
+    search = isub.add_parser("search", help="query a saved index")
+    search.add_argument("--index", required=True)
+    search.add_argument("--k", type=int, default=3)
+    search.add_argument("query")
+    search.set_defaults(func=cmd_index)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    for name in ("stride", "query_tokens", "passage_tokens", "k", "max_new_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            print(f"flashback: error: --{name.replace('_', '-')} must be >= 1, got {value}",
+                  file=sys.stderr)
+            return 2
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"flashback: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
