@@ -1,0 +1,99 @@
+"""CLI smoke tests on a tiny model folder and corpus, and every bad input: one line, exit 2."""
+import pytest
+import torch
+
+from flashback_ext.cli import main
+from flashback_ext.models import tiny_llama
+
+WORDS = ("the a python list tuple loop for while yield lambda function returns value generator "
+         "mutable sequence else clause break statement").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "</s>"] + WORDS + list("?.,:"))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="</s>")
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tiny_llama(vocab_size=len(vocab)).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "loops.txt").write_text("the for loop else clause break statement " * 20)
+    (folder / "gen.txt").write_text("yield function returns generator value " * 20)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path / "cache"))
+
+
+def test_demo_runs_on_tiny_model(tiny_model_dir, corpus_dir, capsys):
+    rc = main(["demo", "--model", str(tiny_model_dir), "--corpus", str(corpus_dir), "--device", "cpu",
+               "--max-new-tokens", "6", "--stride", "3", "--long-context", "24",
+               "--question", "what does yield do ?"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "append is" in out and "per retrieval block" in out and "passages from:" in out
+
+
+def test_generate_and_index_commands(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    for mode in ("append", "prepend", "none"):
+        rc = main(["generate", "--model", str(tiny_model_dir), "--corpus", str(corpus_dir),
+                   "--device", "cpu", "--mode", mode, "--prompt", "the for loop", "--prompt",
+                   "yield", "--max-new-tokens", "5", "--stride", "2"])
+        assert rc == 0
+    idx = tmp_path / "idx"
+    assert main(["index", "build", "--model", str(tiny_model_dir), "--corpus", str(corpus_dir),
+                 "--out", str(idx)]) == 0
+    capsys.readouterr()
+    assert main(["index", "search", "--index", str(idx), "--k", "1", "generator yield"]) == 0
+    assert "[gen]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "--model", "/no/such/model", "--prompt", "x"], "no Hugging Face model folder"),
+    (["generate", "--corpus", "/no/such/corpus", "--prompt", "x"], "corpus path /no/such/corpus does not exist"),
+    (["generate", "--index", "/no/such/index", "--prompt", "x"], "no index at"),
+    (["generate", "--prompt", "x", "--stride", "0"], "--stride must be >= 1"),
+    (["generate", "--prompt", "the for loop", "--capacity", "8"], "cache slots, capacity is 8"),
+    (["generate"], "give at least one --prompt"),
+    (["index", "search", "--index", "/no/such/index", "q"], "no index at"),
+])
+def test_bad_input_one_line_exit_2(argv, match, tiny_model_dir, corpus_dir, capsys):
+    if "--model" not in argv and argv[0] == "generate":
+        argv += ["--model", str(tiny_model_dir), "--device", "cpu"]
+    if "--corpus" not in argv and "--index" not in argv and argv[0] == "generate":
+        argv += ["--corpus", str(corpus_dir)]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert any(line.startswith("flashback: error:") and __import__("re").search(match, line)
+               for line in err), err
+
+
+def test_empty_corpus_and_unsupported_architecture(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    assert main(["generate", "--model", str(tiny_model_dir), "--corpus", str(empty),
+                 "--prompt", "x", "--device", "cpu"]) == 2
+    assert "flashback: error: the corpus has no passages" in capsys.readouterr().err
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(gpt2)
+    assert main(["generate", "--model", str(gpt2), "--prompt", "x", "--mode", "none",
+                 "--device", "cpu"]) == 2
+    assert "flashback: error: unsupported architecture 'gpt2'" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""RALM engine exactness: the logits of every step equal a from-scratch forward of exactly the
+token sequence the engine claims the model saw ([context | E | new tokens] for append,
+[E | context] for prepend), on a tiny random Llama and on the embedded SmolLM2."""
+import pytest
+import torch
+
+from flashback_ext.models import tiny_llama
+from flashback_ext.ralm import RALMGenerator
+from toys import ByteTokenizer, ListRetriever
+
+TEXTS = ["alpha beta gamma delta " * 4, "the quick brown fox jumps over the lazy dog",
+         "python lists are mutable sequences", "a b c d e f g h i j k l m n o p"]
+
+
+@torch.no_grad()
+def max_trace_error(model, results) -> float:
+    worst = 0.0
+    for r in results:
+        assert r.trace, "trace=True must record every step"
+        for seq, logits in r.trace:
+            ref = model(torch.tensor([seq])).logits[0, -1].float()
+            worst = max(worst, (ref - logits).abs().max().item())
+    return worst
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(vocab_size=260, layers=2)
+
+
+@pytest.mark.parametrize("mode", ["append", "prepend", "none"])
+@pytest.mark.parametrize("markers", [True, False])
+@pytest.mark.parametrize("k", [1, 2])
+def test_engine_matches_from_scratch_forward(tiny, mode, markers, k):
+    tok = ByteTokenizer(markers=markers)
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), mode=mode, stride=5,
+                        query_tokens=8, passage_tokens=24, k=k)
+    assert gen.use_markers == markers
+    results = gen.generate(["hello world, this is a longer prompt", "hi", "medium prompt"],
+                           max_new_tokens=17, trace=True, stop_on_eos=False)
+    assert max_trace_error(tiny, results) <= 1e-3
+    for r in results:
+        assert len(r.token_ids) == 17
+        assert len(r.retrievals) == (0 if mode == "none" else 4)  # at 0, 5, 10, 15
+        if mode != "none":
+            seq = r.trace[-1][0]
+            assert (seq.count(257) == 1) == markers  # one E in view at a time
+
+
+def test_append_layout_is_context_then_passage(tiny):
+    tok = ByteTokenizer(markers=True)
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=4, passage_tokens=10)
+    r = gen.generate("abcdefgh", max_new_tokens=6, trace=True, stop_on_eos=False)
+    seq0 = r.trace[0][0]  # first step: prompt | E
+    assert seq0[:8] == list(b"abcdefgh") and seq0[8] == 257 and seq0[-1] == 258
+    seq5 = r.trace[5][0]  # after the 2nd retrieval at 4 new tokens: prompt + 4 new | E | 1 new
+    assert seq5[:12] == list(b"abcdefgh") + r.token_ids[:4] and seq5[12] == 257
+    assert seq5[-2] == 258 and seq5[-1] == r.token_ids[4]
+
+
+def test_sampling_is_seeded_and_streams(tiny):
+    tok = ByteTokenizer()
+    seen = []
+    runs = []
+    for stream in (lambda b, t, s: seen.append(t), None):
+        gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=4)  # fresh rotation
+        runs.append(gen.generate("seed test", max_new_tokens=12, do_sample=True, temperature=0.8,
+                                 top_k=50, top_p=0.9, seed=7, stop_on_eos=False, stream=stream))
+    assert runs[0].token_ids == runs[1].token_ids and seen == runs[0].token_ids
+    greedy = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=4).generate(
+        "seed test", max_new_tokens=12, stop_on_eos=False)
+    assert greedy.token_ids != runs[0].token_ids  # sampling at T=0.8 is not greedy here
+
+
+def test_eos_stops_one_sequence_not_the_batch(tiny):
+    tok = ByteTokenizer()
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=3)
+    free = gen.generate(["xy", "a longer prompt"], max_new_tokens=9, stop_on_eos=False)
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=3)
+    gen.eos_ids = {free[0].token_ids[1]}  # make sequence 0's second token an EOS
+    stopped = gen.generate(["xy", "a longer prompt"], max_new_tokens=9)
+    assert stopped[0].finish_reason == "eos" and stopped[0].token_ids == free[0].token_ids[:2]
+    if gen.eos_ids.isdisjoint(free[1].token_ids):
+        assert stopped[1].token_ids == free[1].token_ids and stopped[1].finish_reason == "length"
+
+
+def test_evict_policy_keeps_generating(tiny):
+    tok = ByteTokenizer()
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=4, passage_tokens=8,
+                        capacity=40, overflow="evict", sink=4)
+    r = gen.generate("a prompt that is fairly long already", max_new_tokens=20, stop_on_eos=False)
+    assert len(r.token_ids) == 20
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="sideways"), "mode must be one of"),
+    (dict(stride=0), "stride must be a positive int"),
+    (dict(query_tokens=-1), "query_tokens must be a positive int"),
+    (dict(capacity=10), "need .* cache slots, capacity is 10"),
+    (dict(use_markers=True), "has no <MARK_L>/<MARK_R>"),
+])
+def test_bad_engine_settings(tiny, kwargs, match):
+    tok = ByteTokenizer()
+    with pytest.raises(ValueError, match=match):
+        gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), **kwargs)
+        gen.generate("prompt longer than ten tokens", max_new_tokens=8)
+
+
+def test_retriever_required_for_retrieval_modes(tiny):
+    with pytest.raises(ValueError, match="needs a retriever"):
+        RALMGenerator(tiny, ByteTokenizer(), None, mode="append")
+    RALMGenerator(tiny, ByteTokenizer(), None, mode="none").generate("ok", max_new_tokens=2)
+
+
+def test_bad_prompts(tiny):
+    gen = RALMGenerator(tiny, ByteTokenizer(), None, mode="none")
+    for bad in ([], [""], [3]):
+        with pytest.raises(ValueError):
+            gen.generate(bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.generate("x", max_new_tokens=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["append", "prepend"])
+def test_engine_exact_on_embedded_smollm2(smollm2, mode):
+    from flashback_ext.retrieval import BM25Retriever, Corpus
+
+    model, tokenizer = smollm2
+    retriever = BM25Retriever(Corpus.default(tokenizer))
+    gen = RALMGenerator(model, tokenizer, retriever, mode=mode, stride=8)
+    results = gen.generate(["The for statement in Python", "A lambda expression"],
+                           max_new_tokens=18, trace=True, stop_on_eos=False)
+    err = max_trace_error(model, results)
+    print(f"SmolLM2 {mode}: max |engine - from-scratch| logits = {err:.2e}")
+    assert err <= 1e-3
