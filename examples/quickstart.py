@@ -1,0 +1,37 @@
+"""Quickstart: the embedded model, the embedded corpus, FlashBack append-mode generation.
+
+    python examples/quickstart.py [--max-new-tokens 48]
+"""
+import argparse
+
+from flashback_ext import RALMGenerator, load_model
+from flashback_ext.retrieval import BM25Retriever, Corpus
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    args = parser.parse_args()
+
+    model, tokenizer = load_model("default")              # SmolLM2-135M-Instruct, offline
+    corpus = Corpus.default(tokenizer)                      # CPython's language reference
+    retriever = BM25Retriever(corpus)
+    engine = RALMGenerator(model, tokenizer, retriever, mode="append", stride=16)  # patches
+
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does the global statement do in Python?"}],
+        tokenize=False, add_generation_prompt=True)
+    result = engine.generate(prompt, max_new_tokens=args.max_new_tokens)
+
+    print(result.text.strip())
+    print("\nretrieval log:")
+    for rec in result.retrievals:
+        print(f"  after {rec.generated:3d} tokens: {rec.titles} scores={[round(s, 2) for s in rec.scores]}"
+              f"  query=...{rec.query[-50:]!r}")
+    t = result.timing
+    print(f"\n{t.total_s:.2f} s total: {t.retrievals} retrieval blocks at {t.ms_per_block:.0f} ms, "
+          f"decode {t.ms_per_token:.0f} ms/step, search {1e3 * t.retrieval_s:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
