@@ -12,6 +12,11 @@ void check_cache_pair(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   TORCH_CHECK(v_cache.device() == k_cache.device(), "k_cache and v_cache must be on one device");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
               "k_cache and v_cache must be contiguous");
+  if (k_cache.is_cuda()) {  // the CUDA kernels move 16-byte vectors
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0,
+                "k_cache and v_cache must be 16-byte aligned on CUDA");
+  }
 }
 
 void check_lengths(const at::Tensor& t, const char* name, int64_t batch, const at::Tensor& cache) {
@@ -20,6 +25,7 @@ void check_lengths(const at::Tensor& t, const char* name, int64_t batch, const a
   TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
   TORCH_CHECK(t.device() == cache.device(), name, " must be on the cache's device (",
               cache.device(), "), got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (kernels index it as an array)");
 }
 
 void check_sink(int64_t sink, int64_t capacity) {

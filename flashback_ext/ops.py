@@ -82,6 +82,8 @@ def _check_lengths(t: torch.Tensor, name: str, batch: int, device: torch.device)
         raise ValueError(f"{name} must be int32, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} must be on the cache's device {device}, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (e.g. call .contiguous())")
 
 
 def _host_values(t: torch.Tensor) -> Optional[list[int]]:

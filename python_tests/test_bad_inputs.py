@@ -35,6 +35,8 @@ ATTENTION_CASES = {
     "cache_dtype_mix": (lambda s: s.update(v_cache=s["v_cache"].bfloat16()), "share dtype"),
     "lens_dtype": (lambda s: s.update(kv_lens=s["kv_lens"].long()), "kv_lens must be int32"),
     "lens_shape": (lambda s: s.update(kv_lens=s["kv_lens"][:1]), r"kv_lens must have shape \[2\]"),
+    "lens_strided": (lambda s: s.update(kv_lens=torch.tensor([[5, 0], [9, 0]], dtype=I32)[:, 0]),
+                     "kv_lens must be contiguous"),
     "negative_len": (lambda s: s.update(kv_lens=torch.tensor([-1, 9], dtype=I32)), r"kv_lens\[0\]=-1"),
     "len_over_capacity": (lambda s: s.update(kv_lens=torch.tensor([5, 13], dtype=I32)), "capacity=12"),
     "q_longer_than_kv": (lambda s: s.update(kv_lens=torch.tensor([2, 9], dtype=I32)), "q is longer than kv"),

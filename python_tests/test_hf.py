@@ -119,3 +119,22 @@ def test_positions_default_to_cache_length():
 def test_supported_attention_names_match_transformers():
     import transformers.models.llama.modeling_llama as llama
     assert "LlamaAttention" in hf.SUPPORTED_ATTENTION and hasattr(llama, "LlamaAttention")
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@torch.no_grad()
+def test_other_llama_family_architectures(arch):
+    import transformers
+
+    cfg_cls, model_cls = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                          "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    config = cfg_cls(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     sliding_window=None)
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    ids = torch.randint(0, 300, (2, 33))
+    full = model(ids).logits
+    patch_model(model)
+    cache = FlashBackCache.for_model(model, 2, 40)
+    assert (_chunks_forward(model, ids, cache, [13]) - full).abs().max().item() <= 1e-4

@@ -195,7 +195,7 @@ void decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
   const int64_t hkv = k_cache.size(1), group = hq / hkv;
   const bool aligned = q_in.stride(0) % 8 == 0 && q_in.stride(1) % 8 == 0 &&
                        reinterpret_cast<uintptr_t>(q_in.data_ptr()) % 16 == 0;
-  const at::Tensor q = aligned ? q_in : q_in.contiguous();
+  const at::Tensor q = aligned ? q_in : q_in.clone(at::MemoryFormat::Contiguous);
   // Enough splits to give every SM a few blocks; the live length decides how many run.
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));

@@ -43,7 +43,7 @@ __global__ void kv_append_kernel(const T* __restrict__ k_new, const T* __restric
 at::Tensor vector_friendly(const at::Tensor& t) {
   const bool ok = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
                   t.stride(2) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);  // fresh, aligned storage
 }
 
 }  // namespace

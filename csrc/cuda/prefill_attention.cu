@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(PrefillParams p) {
   int64_t len = p.kv_lens[b];
   len = len < 0 ? 0 : (len > p.capacity ? p.capacity : len);
   int64_t qlen = p.q_lens != nullptr ? p.q_lens[b] : p.sq;
-  qlen = qlen < 0 ? 0 : (qlen > len ? len : qlen);
+  qlen = qlen < 0 ? 0 : (qlen > p.sq ? p.sq : qlen);  // a row whose limit is < 0 sees no key
 
   if (threadIdx.x == 0) block_end = 0;
   __syncthreads();
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(PrefillParams p) {
       row_m[r] = -INFINITY;
       row_l[r] = 0.f;
       atomicMax(reinterpret_cast<unsigned long long*>(&block_end),
-                static_cast<unsigned long long>(limit + 1));
+                static_cast<unsigned long long>(limit + 1 > 0 ? limit + 1 : 0));
     }
   }
   for (int idx = threadIdx.x; idx < kRows * S::kLdO; idx += kThreads) os[idx] = 0.f;
@@ -256,7 +256,7 @@ void prefill_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
   const bool aligned = q_in.stride(0) % 8 == 0 && q_in.stride(1) % 8 == 0 &&
                        q_in.stride(2) % 8 == 0 &&
                        reinterpret_cast<uintptr_t>(q_in.data_ptr()) % 16 == 0;
-  const at::Tensor q = aligned ? q_in : q_in.contiguous();
+  const at::Tensor q = aligned ? q_in : q_in.clone(at::MemoryFormat::Contiguous);
   PrefillParams p{};
   p.q = q.data_ptr();
   p.q_stride_b = q.stride(0);

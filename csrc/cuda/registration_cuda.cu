@@ -24,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor> append_attention_cuda(
   TORCH_CHECK(d == 64 || d == 128, "CUDA append_attention supports head dims 64 and 128, got ", d);
   const at::cuda::CUDAGuard guard(q.device());
   const int64_t batch = q.size(0), hq = q.size(1), sq = q.size(2);
+  TORCH_CHECK(batch <= 65535, "CUDA append_attention supports at most 65535 sequences, got ", batch);
   auto out = at::empty({batch, sq, hq, d}, q.options());
   auto lse = at::empty({batch, hq, sq}, q.options().dtype(at::kFloat));
   if (batch * hq * sq == 0) return {out, lse};
