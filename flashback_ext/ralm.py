@@ -196,6 +196,30 @@ class RALMGenerator:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
+    @torch.no_grad()
+    def score(self, src: Sequence[int], passage: Sequence[int], tgt: Sequence[int],
+              exclude_ids: Sequence[int] = ()) -> list[float]:
+        """Log-probabilities of ``tgt`` after ``src | E`` computed the append-mode way: prefill,
+        one ``[last stride of src | E]`` block, then teacher-forced one-token steps on the cache.
+        ``exclude_ids`` (the markers) are left out of the softmax."""
+        if not src or not tgt:
+            raise ValueError("score needs a non-empty src and tgt")
+        e = [self.markers[0], *passage, self.markers[1]] if self.markers else list(passage)
+        cache = FlashBackCache.for_model(self.model, 1, len(src) + len(e) + len(tgt) + 1)
+        split = len(src) - min(self.stride, len(src))
+        if split > 0:
+            self._forward(cache, [list(src[:split])])
+        logits = self._forward(cache, [list(src[split:]) + e])[0]
+        logps = []
+        for i, tok in enumerate(tgt):
+            if exclude_ids:
+                logits = logits.clone()
+                logits[list(exclude_ids)] = float("-inf")
+            logps.append(float(torch.log_softmax(logits.float(), -1)[tok]))
+            if i + 1 < len(tgt):
+                logits = self._forward(cache, [[int(tok)]])[0]
+        return logps
+
     # ----------------------------------------------------------------------------- generate
     def generate(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 64, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,

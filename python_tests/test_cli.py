@@ -1,27 +1,18 @@
 """CLI smoke tests on a tiny model folder and corpus, and every bad input: one line, exit 2."""
 import pytest
-import torch
 
 from flashback_ext.cli import main
 from flashback_ext.models import tiny_llama
 
-WORDS = ("the a python list tuple loop for while yield lambda function returns value generator "
-         "mutable sequence else clause break statement").split()
-
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from toys import tiny_hf_tokenizer
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "</s>"] + WORDS + list("?.,:"))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="</s>")
+    tokenizer = tiny_hf_tokenizer()
     folder = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama(vocab_size=len(vocab)).save_pretrained(folder)
-    fast.save_pretrained(folder)
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -46,3 +46,29 @@ class ListRetriever:
             out.append(hits)
         self.calls += 1
         return out
+
+
+WORDS = ("the a python list tuple loop for while yield lambda function returns value generator "
+         "mutable sequence else clause break statement class method object module import file "
+         "open read write string number integer float dict set key error exception raise try").split()
+
+
+def tiny_hf_tokenizer():
+    """A real (fast) Hugging Face tokenizer over a small word vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "</s>"] + WORDS + list("?.,:"))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="</s>")
+
+
+def word_docs(n_docs: int = 12, words_per_doc: int = 400, seed: int = 0):
+    """Random word documents: (doc_id, title, text)."""
+    import random
+
+    rng = random.Random(seed)
+    return [(f"doc{i}", f"title{i}", " ".join(rng.choice(WORDS) for _ in range(words_per_doc)))
+            for i in range(n_docs)]

@@ -1,0 +1,208 @@
+"""Training/evaluation examples in the FlashBack recipe, and the collator for the three layouts.
+
+One example = one retrieval: ``src`` (context), ``e`` (one retrieved passage, <= passage_tokens),
+``tgt`` (the next ``stride`` tokens). Targets step by ``stride`` through each document; the query
+is the ``query_tokens`` tokens before the target; ``len(src) + len(e)`` is a random ``center`` in
+``[budget // 2, budget - stride - 1]`` so every example fits the token budget (the paper: 512).
+
+Layouts (plain causal mask, contiguous positions; loss on ``tgt`` only):
+``none = src | tgt``, ``prepend = E | src | tgt``, ``append = src | E | tgt`` with
+``E = <MARK_L> e <MARK_R>`` when markers are used, else ``e``.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import random
+import sysconfig
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["Example", "LAYOUTS", "split_by_document", "build_examples", "load_or_build_examples",
+           "layout_tokens", "Collator", "python_docs", "DataError", "target_nll"]
+
+logger = logging.getLogger(__name__)
+LAYOUTS = ("none", "prepend", "append")
+
+
+class DataError(ValueError):
+    """Examples cannot be built (corpus too short, no usable retrieval hits...)."""
+
+
+@dataclass
+class Example:
+    src: list[int]
+    e: list[int]
+    tgt: list[int]
+    doc_id: str
+    passage_id: int
+
+
+def python_docs(max_docs: Optional[int] = None, docstrings: bool = True) -> list[tuple[str, str, str]]:
+    """An offline English corpus from CPython itself: the language reference topics
+    (``pydoc_data.topics``) and the standard library's module docstrings (parsed, not imported)."""
+    from pydoc_data.topics import topics
+
+    docs = [(f"topic:{name}", name, text) for name, text in sorted(topics.items())]
+    if docstrings:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/__init__.py")):
+            try:
+                tree = ast.parse(path.read_text(errors="replace"))
+            except (SyntaxError, ValueError):
+                continue
+            parts = [ast.get_docstring(tree) or ""]
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) > 80:
+                        parts.append(doc)
+            text = "\n\n".join(p for p in parts if p)
+            if len(text) > 2000:
+                name = path.stem if path.name != "__init__.py" else path.parent.name
+                docs.append((f"module:{name}", name, text))
+    return docs[:max_docs] if max_docs else docs
+
+
+def split_by_document(docs: Sequence[tuple[str, str, str]], eval_fraction: float = 0.1,
+                      seed: int = 0) -> tuple[list, list]:
+    """Disjoint (train, eval) document lists: no document contributes to both."""
+    if not 0 < eval_fraction < 1:
+        raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    order = list(docs)
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(order) * eval_fraction))
+    if len(order) - n_eval < 1:
+        raise DataError(f"need at least 2 documents to split, got {len(order)}")
+    return order[n_eval:], order[:n_eval]
+
+
+def _ngrams(ids: Sequence[int], n: int) -> set[tuple[int, ...]]:
+    return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
+
+
+def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *, stride: int = 16,
+                   query_tokens: int = 32, passage_tokens: int = 128, budget: int = 512,
+                   seed: int = 0, max_examples: Optional[int] = None,
+                   exclude_same_doc: bool = True, leak_ngram: int = 8,
+                   progress: bool = True) -> list[Example]:
+    """Examples from ``docs`` (``(doc_id, title, text)``) with passages from ``retriever``.
+
+    Leakage control: a passage sharing any ``leak_ngram``-token span with the target (or the whole
+    target, if shorter) is never used, nor one from the same document when ``exclude_same_doc``.
+    """
+    if budget // 2 <= passage_tokens + 2 or budget // 2 > budget - stride - 1:
+        raise DataError(f"budget {budget} is too small for stride {stride} and passages of "
+                        f"{passage_tokens} tokens (need budget // 2 > passage_tokens + 2)")
+    rng = random.Random(seed)
+    candidates = []
+    for doc_id, _title, text in docs:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for t in range(query_tokens, len(ids) - stride + 1, stride):
+            candidates.append((doc_id, ids, t))
+    if not candidates:
+        raise DataError(f"the corpus is too short: no document has {query_tokens + stride} tokens")
+    rng.shuffle(candidates)
+    want = max_examples or len(candidates)
+    examples: list[Example] = []
+    chunk = 64
+    bar = tqdm(total=want, desc="building examples", disable=not progress)
+    for start in range(0, len(candidates), chunk):
+        if len(examples) >= want:
+            break
+        part = candidates[start:start + chunk]
+        queries = [tokenizer.decode(ids[t - query_tokens:t]) for _, ids, t in part]
+        excl = [[doc] if exclude_same_doc else [] for doc, _, _ in part]
+        hits = retriever.search_batch(queries, k=4, exclude_doc_ids=excl)
+        for (doc_id, ids, t), doc_hits in zip(part, hits):
+            tgt = ids[t:t + stride]
+            grams = _ngrams(tgt, min(leak_ngram, len(tgt)))
+            for hit in doc_hits:
+                e = list(hit.passage.token_ids[:passage_tokens])
+                if not e or grams & _ngrams(e, min(leak_ngram, len(tgt))):
+                    continue  # leaks the target
+                center = rng.randint(budget // 2, budget - stride - 1)
+                src = ids[max(0, t - max(1, center - len(e))):t]
+                examples.append(Example(src, e, tgt, doc_id, hit.passage.id))
+                bar.update(1)
+                break
+            if len(examples) >= want:
+                break
+    bar.close()
+    if not examples:
+        raise DataError("no example could be built: the retriever returned no usable passage "
+                        "(all hits were excluded or overlapped the targets)")
+    return examples
+
+
+def load_or_build_examples(cache_file: Path, build_settings: dict, build) -> list[Example]:
+    """Examples cached as JSON keyed by a hash of ``build_settings`` (rebuilt when they change)."""
+    key = hashlib.sha1(json.dumps(build_settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_file.with_name(f"{cache_file.stem}-{key}.json")
+    if path.exists():
+        try:
+            return [Example(**row) for row in json.loads(path.read_text())]
+        except (json.JSONDecodeError, TypeError):
+            logger.warning("rebuilding unreadable example cache %s", path)
+    examples = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([asdict(x) for x in examples]))
+    tmp.rename(path)
+    return examples
+
+
+def layout_tokens(ex: Example, layout: str, markers: Optional[tuple[int, int]]) -> tuple[list[int], int]:
+    """``(token ids, index where tgt starts)`` of one example in one layout."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    e = [markers[0], *ex.e, markers[1]] if markers else list(ex.e)
+    if layout == "none":
+        head = list(ex.src)
+    elif layout == "prepend":
+        head = e + list(ex.src)
+    else:
+        head = list(ex.src) + e
+    return head + list(ex.tgt), len(head)
+
+
+class Collator:
+    """Right-padded batches with labels only on the target tokens (-100 elsewhere)."""
+
+    def __init__(self, layout: str, markers: Optional[tuple[int, int]], pad_id: int = 0) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout, self.markers, self.pad_id = layout, markers, pad_id
+
+    def __call__(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+        rows = [layout_tokens(ex, self.layout, self.markers) for ex in batch]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, start) in enumerate(rows):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            labels[i, start:len(ids)] = torch.tensor(ids[start:])
+            mask[i, :len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor,
+               exclude_ids: Iterable[int] = ()) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over labelled positions, with the marker logits left out of the
+    softmax (the model is never asked to predict a marker). Returns ``(sum, count)``."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    excl = list(exclude_ids)
+    if excl:
+        logits = logits.clone()
+        logits[..., excl] = float("-inf")
+    keep = targets != -100
+    nll = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    return nll, int(keep.sum())

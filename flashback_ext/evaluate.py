@@ -1,0 +1,88 @@
+"""Perplexity of held-out examples in the paper's settings, as a markdown table and JSON.
+
+Perplexity = exp(mean NLL over all target tokens), teacher-forced, marker logits excluded from
+the softmax. :func:`engine_perplexity` computes the same quantity through the RALM engine's
+append path (cache prefill, one ``[last stride | E]`` block, then token-by-token decoding) and
+must agree with :func:`perplexity`; a test proves it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Collator, Example, target_nll
+from .marking import marker_ids
+
+__all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "markdown_table"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str       # the paper's row label
+    layout: str     # none / prepend / append
+    adapter: Optional[str]  # key of the adapter to load, None = base model
+    markers: bool
+
+
+# the rows of the paper's table (N., P., A., P.+LoRA, A.+LoRA, A.+LoRA+M.T.)
+PAPER_ROWS = [
+    Setting("N.", "none", None, False),
+    Setting("P.", "prepend", None, False),
+    Setting("A.", "append", None, False),
+    Setting("P.+LoRA", "prepend", "prepend", False),
+    Setting("A.+LoRA", "append", "append", False),
+    Setting("A.+LoRA+M.T.", "append", "append_markers", True),
+]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, markers: bool,
+               batch_size: int = 8, progress: bool = True) -> dict:
+    """Teacher-forced perplexity of the examples' targets in one layout."""
+    ids = marker_ids(tokenizer)
+    if markers and ids is None:
+        raise ValueError("markers=True but the tokenizer has no marking tokens")
+    collate = Collator(layout, ids if markers else None, tokenizer.pad_token_id or 0)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"ppl {layout}",
+                      disable=not progress):
+        batch = collate(examples[start:start + batch_size])
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        nll, n = target_nll(logits, batch["labels"].to(device), ids or ())
+        total += float(nll)
+        count += n
+    if count == 0:
+        raise ValueError("no target tokens to score")
+    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count}
+
+
+@torch.no_grad()
+def engine_perplexity(engine, examples: Sequence[Example]) -> dict:
+    """Perplexity of the targets computed by the RALM engine's append path (KV cache reuse)."""
+    total, count = 0.0, 0
+    exclude = list(marker_ids(engine.tokenizer) or ())
+    for ex in examples:
+        logps = engine.score(ex.src, ex.e, ex.tgt, exclude_ids=exclude)
+        total -= sum(logps)
+        count += len(logps)
+    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """``| setting | layout | adapter | markers | ppl |`` plus the ratio to N. and to P.+LoRA."""
+    by_name = {r["name"]: r["ppl"] for r in rows}
+    lines = ["| setting | layout | adapter | markers | perplexity | / N. | / P.+LoRA |",
+             "|---|---|---|---|---:|---:|---:|"]
+    n, p = by_name.get("N."), by_name.get("P.+LoRA")
+    for r in rows:
+        ratio_n = f"{r['ppl'] / n:.3f}" if n else "—"
+        ratio_p = f"{r['ppl'] / p:.3f}" if p else "—"
+        lines.append(f"| {r['name']} | {r['layout']} | {r['adapter'] or 'base'} | "
+                     f"{'yes' if r['markers'] else 'no'} | {r['ppl']:.3f} | {ratio_n} | {ratio_p} |")
+    return "\n".join(lines)

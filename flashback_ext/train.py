@@ -1,0 +1,178 @@
+"""LoRA training for FlashBack: peft LoRA on q/k/v/o plus ONLY the two marker rows of the input
+embedding (``trainable_token_indices``), loss on the target tokens with marker logits excluded,
+HF ``Trainer`` (checkpoints, resume, bf16 on GPU / fp32 on CPU, multi-GPU under
+``accelerate launch`` / ``torchrun`` unchanged).
+
+The official code unfroze "the last two embedding rows", which for OPT are not the marker ids
+(OPT's embedding is larger than its tokenizer); here the real marker ids are used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .data import Collator, Example, LAYOUTS, target_nll
+from .marking import add_marking_tokens, marker_ids
+
+__all__ = ["TrainSettings", "train_adapter", "load_adapter", "AdapterError", "RUN_FILE"]
+
+logger = logging.getLogger(__name__)
+RUN_FILE = "flashback_run.json"
+
+
+class AdapterError(ValueError):
+    """A missing adapter, or one trained for another base model."""
+
+
+@dataclass
+class TrainSettings:
+    layout: str = "append"
+    markers: bool = True
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    seed: int = 0
+    save_steps: int = 100
+    logging_steps: int = 10
+
+
+def _base_signature(model) -> dict:
+    cfg = model.config
+    return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "name_or_path": str(getattr(cfg, "_name_or_path", ""))}
+
+
+def _lora_model(model, tokenizer, settings: TrainSettings):
+    from peft import LoraConfig, get_peft_model
+
+    kwargs = {}
+    if settings.markers:
+        ids = add_marking_tokens(model, tokenizer)
+        kwargs["trainable_token_indices"] = {"embed_tokens": list(ids)}
+        if getattr(model.config, "tie_word_embeddings", False):
+            kwargs["ensure_weight_tying"] = True  # tied embeddings: train one shared marker row
+    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                        lora_dropout=settings.lora_dropout, target_modules=settings.target_modules,
+                        task_type="CAUSAL_LM", **kwargs)
+    return get_peft_model(model, config)
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class FlashBackTrainer(Trainer):
+        """Loss = mean NLL of the target tokens, marker logits excluded from the softmax."""
+
+        exclude_ids: tuple[int, ...] = ()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            nll, count = target_nll(outputs.logits, labels, self.exclude_ids)
+            loss = nll / max(count, 1)
+            return (loss, outputs) if return_outputs else loss
+
+    return FlashBackTrainer
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[Example]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.items[i]
+
+
+def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_dir, *,
+                  settings: Optional[TrainSettings] = None, resume: bool = False,
+                  extra_info: Optional[dict] = None) -> Path:
+    """Train a LoRA adapter (plus marker rows) and save it to ``output_dir``.
+
+    Saves the adapter (``save_pretrained``), the tokenizer (with markers), and ``flashback_run.json``
+    (settings, base model signature, wall time). ``resume=True`` continues from the newest
+    checkpoint in ``output_dir``. Returns the output folder.
+    """
+    from transformers import TrainingArguments
+
+    settings = settings or TrainSettings()
+    if settings.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {settings.layout!r}")
+    if not train_examples:
+        raise ValueError("no training examples")
+    out = Path(output_dir)
+    signature = _base_signature(model)
+    peft_model = _lora_model(model, tokenizer, settings)
+    markers = marker_ids(tokenizer) if settings.markers else None
+    cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr,
+        lr_scheduler_type="cosine", warmup_steps=int(settings.warmup_ratio * settings.steps),
+        logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
+        seed=settings.seed, bf16=cuda, report_to=[], remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=False, use_cpu=not cuda)
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls(model=peft_model, args=args, train_dataset=_ListDataset(train_examples),
+                          data_collator=Collator(settings.layout, markers,
+                                                 tokenizer.pad_token_id or 0))
+    trainer.exclude_ids = tuple(marker_ids(tokenizer) or ())
+    has_ckpt = resume and any((out / "checkpoints").glob("checkpoint-*"))
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
+    wall = time.perf_counter() - start
+    peft_model.eval()
+    if trainer.is_world_process_zero():
+        peft_model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        info = {"settings": asdict(settings), "base": signature, "examples": len(train_examples),
+                "wall_s": wall, "train_loss": result.training_loss,
+                "vocab_size": len(tokenizer), **(extra_info or {})}
+        (out / RUN_FILE).write_text(json.dumps(info, indent=1))
+    return out
+
+
+def load_adapter(model, adapter_dir, tokenizer=None):
+    """Load a FlashBack adapter onto ``model``; returns ``(peft_model, tokenizer)``.
+
+    The adapter folder's tokenizer (which has the markers) replaces ``tokenizer``; the model's
+    embeddings grow to match. Raises :class:`AdapterError` for a missing folder or an adapter
+    trained on a different base model.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    folder = Path(adapter_dir).expanduser()
+    run_file = folder / RUN_FILE
+    if not run_file.exists() or not (folder / "adapter_config.json").exists():
+        raise AdapterError(f"no FlashBack adapter at {folder} ({RUN_FILE} or adapter_config.json "
+                           f"missing)")
+    info = json.loads(run_file.read_text())
+    mine = _base_signature(model)
+    theirs = info.get("base", {})
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if theirs.get(key) != mine[key]:
+            raise AdapterError(f"adapter {folder} was trained for another model: {key} "
+                               f"{theirs.get(key)} != {mine[key]}")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if info["settings"].get("markers"):
+        add_marking_tokens(model, tokenizer)
+    peft_model = PeftModel.from_pretrained(model, folder)
+    return peft_model.eval(), tokenizer

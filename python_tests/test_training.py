@@ -1,0 +1,198 @@
+"""Marking tokens, the example builder, the collator, LoRA training and perplexity evaluation,
+on a tiny random Llama with a real (tiny) Hugging Face tokenizer."""
+import json
+import math
+
+import pytest
+import torch
+
+from flashback_ext.data import (Collator, DataError, Example, build_examples, layout_tokens,
+                                split_by_document, target_nll)
+from flashback_ext.evaluate import engine_perplexity, perplexity
+from flashback_ext.marking import add_marking_tokens, marker_ids
+from flashback_ext.models import tiny_llama
+from flashback_ext.ralm import RALMGenerator
+from flashback_ext.retrieval import BM25Retriever, Corpus
+from flashback_ext.train import AdapterError, TrainSettings, load_adapter, train_adapter
+from toys import tiny_hf_tokenizer, word_docs
+
+
+@pytest.fixture()
+def tok():
+    return tiny_hf_tokenizer()
+
+
+@pytest.fixture()
+def model(tok):
+    return tiny_llama(vocab_size=len(tok), layers=2, hidden=32, heads=4, kv_heads=2)
+
+
+@pytest.fixture()
+def setup(tok):
+    docs = word_docs()
+    retriever = BM25Retriever(Corpus.from_documents(docs, tok, max_tokens=24, progress=False))
+    return docs, retriever
+
+
+def test_marking_tokens_are_added_once(model, tok):
+    n_vocab, rows = len(tok), model.get_input_embeddings().weight.shape[0]
+    ids = add_marking_tokens(model, tok)
+    assert ids == (n_vocab, n_vocab + 1) and marker_ids(tok) == ids
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == rows + 2
+    torch.testing.assert_close(emb[ids[0]], emb[:rows].mean(0))
+    assert add_marking_tokens(model, tok) == ids and model.get_input_embeddings().weight.shape[0] == rows + 2
+    assert tok.encode("<MARK_L> the <MARK_R>", add_special_tokens=False) == [ids[0], tok.get_vocab()["the"], ids[1]]
+
+
+def test_example_builder_invariants(tok, setup):
+    docs, retriever = setup
+    train_docs, eval_docs = split_by_document(docs, 0.25, seed=1)
+    assert not {d[0] for d in train_docs} & {d[0] for d in eval_docs}
+    exs = build_examples(train_docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, seed=3, max_examples=40, progress=False)
+    assert len(exs) == 40
+    texts = {d[0]: tok.encode(d[2], add_special_tokens=False) for d in docs}
+    for ex in exs:
+        assert len(ex.tgt) == 8 and 1 <= len(ex.e) <= 16
+        assert 64 // 2 <= len(ex.src) + len(ex.e) <= 64 - 8 - 1 or len(ex.src) < 64 // 2
+        ids = texts[ex.doc_id]
+        # src ends exactly where tgt starts, in the document
+        joined = ex.src + ex.tgt
+        assert any(ids[i:i + len(joined)] == joined for i in range(len(ids) - len(joined) + 1))
+        passage = retriever.corpus.passages[ex.passage_id]
+        assert passage.doc_id != ex.doc_id  # never the same document
+        grams = {tuple(ex.tgt[i:i + 8]) for i in range(len(ex.tgt) - 7)}
+        assert not grams & {tuple(ex.e[i:i + 8]) for i in range(len(ex.e) - 7)}
+    again = build_examples(train_docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                           budget=64, seed=3, max_examples=40, progress=False)
+    assert again == exs  # seeded
+
+
+def test_builder_bad_inputs(tok, setup):
+    docs, retriever = setup
+    with pytest.raises(DataError, match="too short"):
+        build_examples([("x", "x", "the a")], tok, retriever, progress=False)
+    with pytest.raises(DataError, match="too small"):
+        build_examples(docs, tok, retriever, budget=100, passage_tokens=64, progress=False)
+
+    class NoHits:
+        def search_batch(self, queries, k=1, exclude_doc_ids=None, exclude_titles=None):
+            return [[] for _ in queries]
+
+    with pytest.raises(DataError, match="no usable passage"):
+        build_examples(docs, tok, NoHits(), stride=8, query_tokens=6, passage_tokens=16,
+                       budget=64, progress=False)
+    with pytest.raises(DataError, match="at least 2 documents"):
+        split_by_document(docs[:1], 0.5)
+
+
+@pytest.mark.parametrize("layout", ["none", "prepend", "append"])
+@pytest.mark.parametrize("markers", [None, (90, 91)])
+def test_collator_layouts_and_labels(layout, markers):
+    ex = Example(src=[1, 2, 3], e=[7, 8], tgt=[4, 5], doc_id="d", passage_id=0)
+    e = [90, 7, 8, 91] if markers else [7, 8]
+    want = {"none": [1, 2, 3, 4, 5], "prepend": e + [1, 2, 3, 4, 5], "append": [1, 2, 3] + e + [4, 5]}[layout]
+    ids, start = layout_tokens(ex, layout, markers)
+    assert ids == want and ids[start:] == [4, 5]
+    short = Example(src=[1], e=[7], tgt=[4, 5], doc_id="d", passage_id=0)
+    batch = Collator(layout, markers, pad_id=0)([ex, short])
+    assert batch["input_ids"][0].tolist() == want
+    labels = batch["labels"][0].tolist()
+    assert labels == [-100] * (len(want) - 2) + [4, 5]
+    assert batch["attention_mask"][1].sum() == len(layout_tokens(short, layout, markers)[0])
+    assert (batch["labels"][1][batch["attention_mask"][1] == 0] == -100).all()
+
+
+def test_target_nll_by_hand():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0] = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    logits[0, 1] = torch.tensor([1.0, 1.0, 1.0, 5.0])
+    labels = torch.tensor([[-100, 2, 0]])
+    nll, n = target_nll(logits, labels)
+    want = -(math.log(math.exp(2) / sum(math.exp(x) for x in (0, 1, 2, 3)))
+             + math.log(math.exp(1) / (3 * math.exp(1) + math.exp(5))))
+    assert n == 2 and abs(float(nll) - want) < 1e-5
+    nll_x, _ = target_nll(logits, labels, exclude_ids=[3])  # marker column left out
+    want_x = -(math.log(math.exp(2) / sum(math.exp(x) for x in (0, 1, 2)))
+               + math.log(math.exp(1) / (3 * math.exp(1))))
+    assert abs(float(nll_x) - want_x) < 1e-5
+
+
+def test_perplexity_matches_hand_computation(model, tok):
+    ex = Example(src=[5, 6, 7], e=[8, 9], tgt=[10, 11, 12], doc_id="d", passage_id=0)
+    got = perplexity(model, tok, [ex], "append", markers=False, progress=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    nll = -sum(float(logp[i - 1, ids[0, i]]) for i in (5, 6, 7)) / 3
+    assert got["tokens"] == 3 and abs(got["ppl"] - math.exp(nll)) < 1e-4 * math.exp(nll)
+
+
+def _train(model, tok, setup, tmp_path, layout="append", markers=True, steps=3):
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=16, progress=False)
+    settings = TrainSettings(layout=layout, markers=markers, steps=steps, batch_size=4, lr=1e-2,
+                             save_steps=100, logging_steps=1)
+    return exs, train_adapter(model, tok, exs, tmp_path / "adapter", settings=settings)
+
+
+def test_only_marker_rows_and_lora_change(model, tok, setup, tmp_path):
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    _train(model, tok, setup, tmp_path)
+    ids = marker_ids(tok)
+    for name, param in model.named_parameters():
+        if "lora_" in name or "trainable_tokens" in name:
+            continue
+        base = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if base not in before:
+            continue
+        if "embed_tokens" in base or "lm_head" in base:  # grew by the two marker rows
+            assert torch.equal(param.detach()[:n_rows], before[base][:n_rows]), \
+                f"pre-existing rows of {base} must stay bit-identical"
+            continue
+        assert torch.equal(param.detach(), before[base]), f"{base} changed"
+    # the effective marker embeddings moved away from their initial mean
+    emb = model.get_input_embeddings()
+    out = emb(torch.tensor(list(ids)))
+    init = before["model.embed_tokens.weight"][:n_rows].mean(0)
+    assert not torch.allclose(out[0], init)
+
+
+def test_adapter_round_trip_gives_identical_logits(model, tok, setup, tmp_path):
+    exs, folder = _train(model, tok, setup, tmp_path)
+    info = json.loads((folder / "flashback_run.json").read_text())
+    assert info["settings"]["layout"] == "append" and info["base"]["hidden_size"] == 32
+    batch = Collator("append", marker_ids(tok), 0)(exs[:3])
+    model.eval()  # the Trainer leaves it in train mode (LoRA dropout on)
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"]).logits
+    fresh = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32, heads=4, kv_heads=2)
+    loaded, tok2 = load_adapter(fresh, folder)
+    assert marker_ids(tok2) == marker_ids(tok)
+    with torch.no_grad():
+        got = loaded(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_scores_like_the_evaluator(model, tok, setup, tmp_path):
+    exs, folder = _train(model, tok, setup, tmp_path)
+    fresh = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32, heads=4, kv_heads=2)
+    loaded, tok2 = load_adapter(fresh, folder)
+    teacher = perplexity(loaded, tok2, exs[:6], "append", markers=True, progress=False)
+    engine = RALMGenerator(loaded, tok2, retriever=None, mode="none", stride=8)
+    engine.markers = marker_ids(tok2)  # score in the append layout with markers
+    through_engine = engine_perplexity(engine, exs[:6])
+    assert through_engine["tokens"] == teacher["tokens"]
+    assert abs(through_engine["ppl"] - teacher["ppl"]) <= 1e-4 * teacher["ppl"]
+
+
+def test_adapter_errors(model, tok, setup, tmp_path):
+    with pytest.raises(AdapterError, match="no FlashBack adapter"):
+        load_adapter(model, tmp_path / "missing")
+    _, folder = _train(model, tok, setup, tmp_path, steps=1)
+    other = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=3, hidden=32, heads=4, kv_heads=2)
+    with pytest.raises(AdapterError, match="trained for another model: num_hidden_layers 2 != 3"):
+        load_adapter(other, folder)
