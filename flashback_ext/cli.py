@@ -260,6 +260,100 @@ def cmd_index(args) -> int:
     return 0
 
 
+def _add_example_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="base model folder or 'default'")
+    p.add_argument("--device", default=None)
+    p.add_argument("--corpus", default="python-docs",
+                   help="python-docs (CPython reference + stdlib docstrings), default (reference "
+                        "only) or a .txt file / folder")
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--query-tokens", type=int, default=32)
+    p.add_argument("--passage-tokens", type=int, default=128)
+    p.add_argument("--budget", type=int, default=512, help="tokens per example (src + E + tgt)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="documents held out")
+    p.add_argument("--max-train-examples", type=int, default=2000)
+    p.add_argument("--max-eval-examples", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _examples(args, tokenizer):
+    from .data import DataError
+    from .experiment import ExampleSpec, prepare_examples
+
+    spec = ExampleSpec(corpus=args.corpus, stride=args.stride, query_tokens=args.query_tokens,
+                       passage_tokens=args.passage_tokens, budget=args.budget,
+                       eval_fraction=args.eval_fraction, max_train=args.max_train_examples,
+                       max_eval=args.max_eval_examples, seed=args.seed)
+    try:
+        return spec, *prepare_examples(tokenizer, spec, model_key=str(args.model))
+    except (DataError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_train(args) -> int:
+    """Train a FlashBack LoRA adapter (plus marker rows) on examples from the corpus."""
+    from dataclasses import asdict
+
+    from .train import TrainSettings, train_adapter
+
+    model, tokenizer = _load(args)
+    spec, train, _ = _examples(args, tokenizer)
+    settings = TrainSettings(layout=args.layout, markers=not args.no_markers and args.layout != "none",
+                             steps=args.steps, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum, lr=args.lr, lora_r=args.lora_r,
+                             lora_alpha=args.lora_alpha, seed=args.seed,
+                             save_steps=args.save_steps)
+    out = train_adapter(model, tokenizer, train, args.out, settings=settings, resume=args.resume,
+                        extra_info={"examples_spec": asdict(spec), "model": str(args.model)})
+    print(f"adapter saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Perplexity table in the paper's settings for the base model and the given adapters."""
+    import json
+
+    from .evaluate import PAPER_ROWS, markdown_table, perplexity
+    from .train import AdapterError, load_adapter
+
+    adapters = {}
+    for item in args.adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or name not in ("prepend", "append", "append_markers"):
+            raise CliError(f"--adapter takes NAME=DIR with NAME in prepend, append, "
+                           f"append_markers; got {item!r}")
+        adapters[name] = path
+    model, tokenizer = _load(args)
+    spec, _, evals = _examples(args, tokenizer)
+    rows = []
+    for setting in PAPER_ROWS:
+        if setting.adapter is not None and setting.adapter not in adapters:
+            continue
+        if setting.adapter is None:
+            m, tok = model, tokenizer
+        else:
+            fresh, _ = _load(args)
+            try:
+                m, tok = load_adapter(fresh, adapters[setting.adapter])
+            except AdapterError as exc:
+                raise CliError(str(exc)) from None
+        t0 = time.perf_counter()
+        result = perplexity(m, tok, evals, setting.layout, setting.markers,
+                            batch_size=args.batch_size)
+        rows.append({"name": setting.name, "layout": setting.layout, "adapter": setting.adapter,
+                     "markers": setting.markers, **result, "seconds": time.perf_counter() - t0})
+        print(f"{setting.name:<14} ppl {result['ppl']:.3f} ({result['tokens']} target tokens)",
+              flush=True)
+    table = markdown_table(rows)
+    print("\n" + table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows, "examples": len(evals),
+                                               "adapters": adapters, "spec": spec.__dict__,
+                                               "table": table}, indent=1))
+    return 0
+
+
 # ------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashback", description=__doc__)
@@ -290,6 +384,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     gen.set_defaults(func=cmd_generate)
 
+    train = sub.add_parser("train", help="train a FlashBack LoRA adapter (+ marker rows)")
+    _add_example_args(train)
+    train.add_argument("--layout", choices=["append", "prepend", "none"], default="append")
+    train.add_argument("--no-markers", action="store_true")
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--lora-r", type=int, default=16)
+    train.add_argument("--lora-alpha", type=int, default=32)
+    train.add_argument("--save-steps", type=int, default=100)
+    train.add_argument("--out", required=True, help="adapter output folder")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="perplexity table: N., P., A. and the adapters' rows")
+    _add_example_args(ev)
+    ev.add_argument("--adapter", action="append",
+                    help="NAME=DIR with NAME in prepend, append, append_markers (repeatable)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--json", default=None, help="also write the rows here")
+    ev.set_defaults(func=cmd_eval)
+
     index = sub.add_parser("index", help="build or search a retrieval index")
     isub = index.add_subparsers(dest="action", required=True)
     build = isub.add_parser("build", help="index a corpus")
@@ -317,7 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    for name in ("stride", "query_tokens", "passage_tokens", "k", "max_new_tokens"):
+    for name in ("stride", "query_tokens", "passage_tokens", "k", "max_new_tokens", "steps",
+                 "batch_size", "budget", "max_train_examples", "max_eval_examples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"flashback: error: --{name.replace('_', '-')} must be >= 1, got {value}",

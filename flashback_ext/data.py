@@ -173,7 +173,13 @@ def layout_tokens(ex: Example, layout: str, markers: Optional[tuple[int, int]]) 
 
 
 class Collator:
-    """Right-padded batches with labels only on the target tokens (-100 elsewhere)."""
+    """Left-padded batches with labels only on the target tokens (-100 elsewhere).
+
+    Left padding puts every row's targets in the last columns, so the model only needs logits
+    for the last ``keep_logits(batch)`` positions (``logits_to_keep``): the LM head over the full
+    vocabulary is the most expensive layer of a small model. RoPE is relative, so the uniform
+    position shift of a left-padded row leaves its attention unchanged.
+    """
 
     def __init__(self, layout: str, markers: Optional[tuple[int, int]], pad_id: int = 0) -> None:
         if layout not in LAYOUTS:
@@ -187,10 +193,16 @@ class Collator:
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (ids, start) in enumerate(rows):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            labels[i, start:len(ids)] = torch.tensor(ids[start:])
-            mask[i, :len(ids)] = 1
+            pad = width - len(ids)
+            input_ids[i, pad:] = torch.tensor(ids)
+            labels[i, pad + start:] = torch.tensor(ids[start:])
+            mask[i, pad:] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    @staticmethod
+    def keep_logits(labels: torch.Tensor) -> int:
+        """How many trailing positions' logits the loss needs (targets + the one before)."""
+        return int((labels != -100).sum(1).max()) + 1
 
 
 def target_nll(logits: torch.Tensor, labels: torch.Tensor,

@@ -52,9 +52,11 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
     for start in tqdm(range(0, len(examples), batch_size), desc=f"ppl {layout}",
                       disable=not progress):
         batch = collate(examples[start:start + batch_size])
+        keep = Collator.keep_logits(batch["labels"])
         logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        nll, n = target_nll(logits, batch["labels"].to(device), ids or ())
+                       attention_mask=batch["attention_mask"].to(device),
+                       logits_to_keep=keep).logits
+        nll, n = target_nll(logits, batch["labels"][:, -keep:].to(device), ids or ())
         total += float(nll)
         count += n
     if count == 0:

@@ -81,8 +81,9 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            nll, count = target_nll(outputs.logits, labels, self.exclude_ids)
+            keep = Collator.keep_logits(labels)
+            outputs = model(**inputs, logits_to_keep=keep)
+            nll, count = target_nll(outputs.logits, labels[:, -keep:], self.exclude_ids)
             loss = nll / max(count, 1)
             return (loss, outputs) if return_outputs else loss
 
@@ -140,7 +141,9 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     wall = time.perf_counter() - start
     peft_model.eval()
     if trainer.is_world_process_zero():
-        peft_model.save_pretrained(out)
+        # the resized embedding is rebuilt on load (markers = mean row); only the marker rows and
+        # LoRA weights are stored, so the adapter stays a few MB
+        peft_model.save_pretrained(out, save_embedding_layers=False)
         tokenizer.save_pretrained(out)
         info = {"settings": asdict(settings), "base": signature, "examples": len(train_examples),
                 "wall_s": wall, "train_loss": result.training_loss,

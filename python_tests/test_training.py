@@ -100,8 +100,12 @@ def test_collator_layouts_and_labels(layout, markers):
     assert batch["input_ids"][0].tolist() == want
     labels = batch["labels"][0].tolist()
     assert labels == [-100] * (len(want) - 2) + [4, 5]
-    assert batch["attention_mask"][1].sum() == len(layout_tokens(short, layout, markers)[0])
+    short_ids = layout_tokens(short, layout, markers)[0]
+    assert batch["attention_mask"][1].sum() == len(short_ids)
+    assert batch["input_ids"][1, -len(short_ids):].tolist() == short_ids  # left-padded
     assert (batch["labels"][1][batch["attention_mask"][1] == 0] == -100).all()
+    assert batch["labels"][1, -2:].tolist() == [4, 5]
+    assert Collator.keep_logits(batch["labels"]) == 3
 
 
 def test_target_nll_by_hand():

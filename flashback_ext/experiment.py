@@ -1,0 +1,76 @@
+"""Shared preparation for ``flashback train`` and ``flashback eval``: the corpus, the BM25
+retriever over its passages, the split by document and the cached train/eval examples, so that
+every run with the same settings scores exactly the same held-out examples."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from .data import Example, build_examples, load_or_build_examples, python_docs, split_by_document
+from .models import cache_dir
+from .retrieval import BM25Retriever, Corpus
+
+__all__ = ["ExampleSpec", "prepare_examples", "load_documents"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExampleSpec:
+    corpus: str = "python-docs"  # python-docs | default (language reference only) | a path
+    stride: int = 16
+    query_tokens: int = 32
+    passage_tokens: int = 128
+    budget: int = 512
+    eval_fraction: float = 0.1
+    max_train: int = 2000
+    max_eval: int = 200
+    seed: int = 0
+
+
+def load_documents(spec: str) -> list[tuple[str, str, str]]:
+    """``python-docs``: CPython's reference + stdlib docstrings; ``default``: the reference only;
+    otherwise a file/folder/JSONL path as for retrieval corpora."""
+    if spec == "python-docs":
+        return python_docs()
+    if spec == "default":
+        return python_docs(docstrings=False)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"corpus path {path} does not exist")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                   if p.suffix in (".txt", ".md") and p.is_file())
+    return [(str(p), p.stem, p.read_text(errors="replace")) for p in files]
+
+
+def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
+                     model_key: Optional[str] = None) -> tuple[list[Example], list[Example]]:
+    """``(train, eval)`` examples, cached under the cache dir by settings and tokenizer."""
+    docs = load_documents(spec.corpus)
+    train_docs, eval_docs = split_by_document(docs, spec.eval_fraction, spec.seed)
+    key = dict(asdict(spec), tokenizer=model_key or tokenizer.name_or_path, vocab=len(tokenizer),
+               docs=len(docs))
+    state: dict = {}
+
+    def retriever():
+        if "r" not in state:
+            corpus = Corpus.from_documents(docs, tokenizer, spec.passage_tokens, progress=progress)
+            state["r"] = BM25Retriever(corpus)
+        return state["r"]
+
+    def build(part_docs, count, seed):
+        return lambda: build_examples(part_docs, tokenizer, retriever(), stride=spec.stride,
+                                      query_tokens=spec.query_tokens,
+                                      passage_tokens=spec.passage_tokens, budget=spec.budget,
+                                      seed=seed, max_examples=count, progress=progress)
+
+    root = cache_dir() / "examples" / "examples.json"
+    train = load_or_build_examples(root.with_name("train.json"), dict(key, part="train"),
+                                   build(train_docs, spec.max_train, spec.seed))
+    evals = load_or_build_examples(root.with_name("eval.json"), dict(key, part="eval"),
+                                   build(eval_docs, spec.max_eval, spec.seed + 1))
+    logger.info("%d train / %d eval examples from %d / %d documents", len(train), len(evals),
+                len(train_docs), len(eval_docs))
+    return train, evals
