@@ -96,6 +96,8 @@ setup(
     version="0.1.0",
     description="FlashBack retrieval-augmented generation with KV-cache reuse: C++/CUDA ops and tools",
     packages=find_packages(include=["flashback_ext", "flashback_ext.*"]),
+    package_data={"flashback_ext": ["adapters/*/*.json", "adapters/*/*.safetensors",
+                                    "adapters/*/*.jinja", "adapters/*/*.md"]},
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "transformers", "tqdm", "bm25s", "faiss-cpu"],
     entry_points={"console_scripts": ["flashback=flashback_ext.cli:main"]},

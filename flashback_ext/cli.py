@@ -75,6 +75,30 @@ def _load(args):
         raise CliError(str(exc).splitlines()[0]) from None
 
 
+def _adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default="auto",
+                   help="FlashBack adapter for append mode: a folder, 'none', or 'auto' (the "
+                        "adapter shipped for the default model, when there is one)")
+
+
+def _append_model(args, model, tokenizer):
+    """``(model, tokenizer, description)`` for append mode: the adapter merged in, if any."""
+    from .models import DEFAULT_MODEL, default_adapter_path
+    from .train import AdapterError, load_adapter
+
+    path = args.adapter
+    if path == "auto":
+        path = default_adapter_path() if str(args.model) == DEFAULT_MODEL else None
+    if path in (None, "none"):
+        return model, tokenizer, "no adapter"
+    fresh, _ = _load(args)
+    try:
+        tuned, tuned_tok = load_adapter(fresh, path, merge=True)
+    except AdapterError as exc:
+        raise CliError(str(exc)) from None
+    return tuned, tuned_tok, f"FlashBack adapter {path}"
+
+
 def _corpus_key(corpus: str, tokenizer, kind: str, passage_tokens: int) -> str:
     ident = f"{corpus}|{kind}|{passage_tokens}|{tokenizer.name_or_path}|{len(tokenizer)}"
     if corpus != "default":
@@ -139,14 +163,16 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     model, tokenizer = _load(args)
     retriever = _retriever(args, tokenizer)
+    tuned, tuned_tok, adapter_note = _append_model(args, model, tokenizer)
     print(f"model {args.model} ({model.config.num_hidden_layers} layers, {_describe_device(model)}); "
-          f"corpus: {len(retriever.corpus)} passages ({args.retriever}); setup "
-          f"{time.perf_counter() - t0:.1f} s")
+          f"corpus: {len(retriever.corpus)} passages ({args.retriever}); append mode: "
+          f"{adapter_note}; setup {time.perf_counter() - t0:.1f} s")
     questions = args.question or DEMO_QUESTIONS
     prompts = [as_prompt(tokenizer, q) for q in questions]
     results = {}
+    engines = {"append": (tuned, tuned_tok), "prepend": (model, tokenizer)}
     for mode in ("append", "prepend"):
-        gen = _generator(args, model, tokenizer, retriever, mode)
+        gen = _generator(args, *engines[mode], retriever, mode)
         gen.generate(prompts[:1], max_new_tokens=2)  # warm-up: first-call overheads
         results[mode] = gen.generate(prompts, max_new_tokens=args.max_new_tokens)
     for i, q in enumerate(questions):
@@ -168,25 +194,26 @@ def cmd_demo(args) -> int:
     ta, tp = results["append"][0].timing, results["prepend"][0].timing
     print(f"  append is {tp.total_s / ta.total_s:.2f}x faster end to end, "
           f"{tp.ms_per_block / max(ta.ms_per_block, 1e-9):.1f}x per retrieval block")
-    if not results["append"][0].retrievals or gen.markers is None:
+    if tuned is model:
         print("  note: without the FlashBack LoRA adapter and marking tokens the base model reads "
               "appended passages poorly (the paper's 'A.' row); prepend is the quality reference")
     if args.long_context > 0:
-        _demo_long_context(args, model, tokenizer, retriever)
+        _demo_long_context(args, engines, retriever)
     return 0
 
 
-def _demo_long_context(args, model, tokenizer, retriever) -> None:
+def _demo_long_context(args, engines, retriever) -> None:
     """The same comparison after a long context, where prepending re-encodes much more."""
     from pydoc_data.topics import topics
 
+    tokenizer = engines["prepend"][1]
     text = topics["compound"] if args.corpus == "default" else retriever.corpus.passages[0].text * 64
     ids = tokenizer.encode(text)[: args.long_context]
     prompt = tokenizer.decode(ids)
     print(f"\nlong context: {len(ids)} prompt tokens, {args.stride * 3} new tokens (3 retrievals)")
     times = {}
     for mode in ("append", "prepend"):
-        gen = _generator(args, model, tokenizer, retriever, mode)
+        gen = _generator(args, *engines[mode], retriever, mode)
         r = gen.generate(prompt, max_new_tokens=args.stride * 3, stop_on_eos=False)
         t = r.timing
         times[mode] = t
@@ -204,6 +231,8 @@ def cmd_generate(args) -> int:
         raise CliError("give at least one --prompt")
     model, tokenizer = _load(args)
     retriever = None if args.mode == "none" else _retriever(args, tokenizer)
+    if args.mode == "append" or args.adapter not in ("auto", "none"):
+        model, tokenizer, _ = _append_model(args, model, tokenizer)
     gen = _generator(args, model, tokenizer, retriever, args.mode)
     prompts = [as_prompt(tokenizer, p) for p in args.prompt] if args.chat else args.prompt
     stream = None
@@ -365,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrieval_args(demo)
     _add_engine_args(demo)
     demo.add_argument("--question", action="append", help="ask this instead of the built-in questions")
+    _adapter_arg(demo)
     demo.add_argument("--long-context", type=int, default=1024,
                       help="also time both modes after a context of this many tokens (0: skip)")
     demo.set_defaults(func=cmd_demo)
@@ -382,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    _adapter_arg(gen)
     gen.set_defaults(func=cmd_generate)
 
     train = sub.add_parser("train", help="train a FlashBack LoRA adapter (+ marker rows)")

@@ -15,7 +15,8 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "load_model", "default_model_path", "tiny_llama"]
+__all__ = ["DEFAULT_MODEL", "cache_dir", "load_model", "default_model_path", "tiny_llama",
+           "default_adapter_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,12 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
+
+
+def default_adapter_path() -> Optional[Path]:
+    """The FlashBack adapter (LoRA + marker rows) shipped for the default model, if present."""
+    folder = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-flashback"
+    return folder if (folder / "adapter_config.json").exists() else None
 
 
 def tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,

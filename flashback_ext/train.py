@@ -152,12 +152,13 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     return out
 
 
-def load_adapter(model, adapter_dir, tokenizer=None):
+def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False):
     """Load a FlashBack adapter onto ``model``; returns ``(peft_model, tokenizer)``.
 
     The adapter folder's tokenizer (which has the markers) replaces ``tokenizer``; the model's
-    embeddings grow to match. Raises :class:`AdapterError` for a missing folder or an adapter
-    trained on a different base model.
+    embeddings grow to match. ``merge=True`` folds the LoRA weights and marker rows into the
+    base weights (a plain model again: faster inference, no peft wrapper). Raises
+    :class:`AdapterError` for a missing folder or an adapter trained on a different base model.
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -178,4 +179,6 @@ def load_adapter(model, adapter_dir, tokenizer=None):
     if info["settings"].get("markers"):
         add_marking_tokens(model, tokenizer)
     peft_model = PeftModel.from_pretrained(model, folder)
+    if merge:
+        return peft_model.merge_and_unload().eval(), tokenizer
     return peft_model.eval(), tokenizer

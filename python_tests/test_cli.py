@@ -88,3 +88,27 @@ def test_empty_corpus_and_unsupported_architecture(tmp_path, tiny_model_dir, cap
     assert main(["generate", "--model", str(gpt2), "--prompt", "x", "--mode", "none",
                  "--device", "cpu"]) == 2
     assert "flashback: error: unsupported architecture 'gpt2'" in capsys.readouterr().err
+
+
+def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    from toys import word_docs
+
+    for doc_id, _, text in word_docs(n_docs=8, words_per_doc=300):
+        (docs / f"{doc_id}.txt").write_text(text)
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--corpus", str(docs),
+              "--budget", "64", "--passage-tokens", "16", "--stride", "8", "--query-tokens", "6",
+              "--max-train-examples", "16", "--max-eval-examples", "8", "--eval-fraction", "0.25"]
+    out = tmp_path / "adapter"
+    assert main(["train", *common, "--steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    assert (out / "flashback_run.json").exists() and (out / "adapter_config.json").exists()
+    table = tmp_path / "table.json"
+    capsys.readouterr()
+    assert main(["eval", *common, "--adapter", f"append_markers={out}", "--json", str(table)]) == 0
+    text = capsys.readouterr().out
+    assert "| A.+LoRA+M.T. | append | append_markers | yes |" in text
+    rows = __import__("json").loads(table.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["N.", "P.", "A.", "A.+LoRA+M.T."]
+    assert main(["eval", *common, "--adapter", "bogus"]) == 2
+    assert main(["eval", *common, "--adapter", f"append={tmp_path / 'none'}"]) == 2

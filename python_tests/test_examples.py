@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("own_corpus.py", ["--max-new-tokens", "6", "--kind", "dense"], "dense index saved to"),
     ("patch_any_llama.py", ["--max-new-tokens", "18", "--context", "128"], "append speed-up"),
     ("ops_demo.py", ["--context", "256", "--layers", "2"], "speed-up of appending"),
+    ("train_adapter.py", ["--steps", "1", "--train-examples", "8", "--eval-examples", "4"],
+     "append-mode generation with the adapter"),
 ])
 def test_example_runs(script, args, expect):
     env = dict(os.environ, HF_HUB_OFFLINE="1")

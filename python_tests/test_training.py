@@ -179,6 +179,11 @@ def test_adapter_round_trip_gives_identical_logits(model, tok, setup, tmp_path):
     with torch.no_grad():
         got = loaded(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    fresh = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32, heads=4, kv_heads=2)
+    merged, _ = load_adapter(fresh, folder, merge=True)  # LoRA + marker rows folded in
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=batch["input_ids"]).logits, want, atol=1e-4, rtol=1e-4)
 
 
 def test_engine_scores_like_the_evaluator(model, tok, setup, tmp_path):
