@@ -238,14 +238,26 @@ class RALMGenerator:
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
             raise ValueError("prompts must be a non-empty string or list of strings")
+        results = self.generate_ids([self.tokenizer.encode(p) for p in prompt_list],
+                                    max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seed=seed, stop_on_eos=stop_on_eos,
+                                    stream=stream, exclude_doc_ids=exclude_doc_ids, trace=trace)
+        return results[0] if single else results
+
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+                     do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: Optional[int] = None, stop_on_eos: bool = True,
+                     stream: Optional[Callable[[int, int, str], None]] = None,
+                     exclude_doc_ids: Optional[Sequence[str]] = None,
+                     trace: bool = False) -> list[GenerationResult]:
+        """:meth:`generate` for already tokenized prompts (one list of ids per sequence)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        tokens = [self.tokenizer.encode(p) for p in prompt_list]
-        if any(len(t) == 0 for t in tokens):
-            raise ValueError("every prompt must encode to at least one token")
-        results = self._run(tokens, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                            stop_on_eos, stream, exclude_doc_ids, trace)
-        return results[0] if single else results
+        tokens = [list(map(int, t)) for t in prompt_ids]
+        if not tokens or any(len(t) == 0 for t in tokens):
+            raise ValueError("every prompt must have at least one token")
+        return self._run(tokens, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
+                         stop_on_eos, stream, exclude_doc_ids, trace)
 
     def _capacity(self, tokens: list[list[int]], max_new: int) -> int:
         block = self.k * self.passage_tokens + 2 if self.mode != "none" else 0

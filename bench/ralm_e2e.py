@@ -1,0 +1,202 @@
+"""End-to-end RALM speed: one retrieval cycle (a retrieval block + ``stride`` decoded tokens) in
+append mode vs prepend mode, in our engine and in the official-style Hugging Face eager loop.
+
+    python bench/ralm_e2e.py --device cpu                 # embedded SmolLM2-135M, fp32
+    python bench/ralm_e2e.py --device cuda --model llama2-7b-shape   # random bf16 weights
+
+As in the paper's runtime test, contexts, queries and passages are random token ids (no retriever
+in the timed loop). Modes:
+* ``engine-append`` / ``engine-prepend`` / ``engine-none``: :class:`flashback_ext.RALMGenerator`
+  (patched attention, RingKVCache, O(1) rollback);
+* ``hf-append``: HF eager + ``DynamicCache``: crop to ``t - stride``, forward
+  ``[last stride | passage]``, decode ``stride`` tokens (the official FlashBack loop);
+* ``hf-prepend``: HF eager, re-encode ``[passage | context]`` from scratch every cycle.
+Prints a table and writes JSON (and a PNG when matplotlib is installed) under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flashback_ext.hf import unpatch_model  # noqa: E402
+from flashback_ext.ralm import RALMGenerator  # noqa: E402
+from flashback_ext.retrieval import Hit, Passage  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class RandomPassages:
+    """A stand-in retriever returning random token passages (the paper's runtime test)."""
+
+    def __init__(self, vocab: int, length: int, seed: int = 0) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        self.vocab, self.length, self.count = vocab, length, 0
+
+    def search_batch(self, queries, k=1, exclude_doc_ids=None, exclude_titles=None):
+        out = []
+        for _ in queries:
+            ids = torch.randint(100, self.vocab, (self.length,), generator=self.gen).tolist()
+            self.count += 1
+            out.append([Hit(Passage(self.count, "random", "random", "", ids), 0.0)])
+        return out
+
+
+class IdTokenizer:
+    """Token ids in, token ids out: the benchmark never needs text."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def get_vocab(self):
+        return {}
+
+    def encode(self, ids, add_special_tokens=True):
+        return list(ids)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(name: str, device: torch.device):
+    if name == "default":
+        from flashback_ext.models import load_model
+        model, _ = load_model("default", device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+        return model
+    if name == "tiny":  # smoke tests
+        from flashback_ext.models import tiny_llama
+        return tiny_llama(vocab_size=512, max_positions=8192).to(device)
+    if name == "llama2-7b-shape":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                          max_position_embeddings=65536)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        return model.eval()
+    raise SystemExit(f"unknown --model {name!r}")
+
+
+@torch.no_grad()
+def engine_cycle_ms(model, mode, context, stride, passage, cycles, device) -> float:
+    vocab = model.config.vocab_size
+    engine = RALMGenerator(model, IdTokenizer(), RandomPassages(vocab, passage), mode=mode,
+                           stride=stride, passage_tokens=passage)
+    r = engine.generate_ids([context], stride * (cycles + 1), stop_on_eos=False)[0]
+    sync(device)
+    t = r.timing
+    steps = max(1, t.retrievals if mode != "none" else cycles + 1)
+    return 1e3 * (t.block_s + t.decode_s) / steps
+
+
+@torch.no_grad()
+def hf_cycle_ms(model, mode, context, stride, passage, cycles, device) -> float:
+    from transformers import DynamicCache
+
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.tensor([context], device=device)
+    times = []
+    cache = DynamicCache(config=model.config)
+    if mode == "append":  # prefill all but the last stride once
+        model(ids[:, :-stride], past_key_values=cache, use_cache=True)
+    for c in range(cycles + 1):
+        p = torch.randint(100, vocab, (1, passage), generator=gen).to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        if mode == "append":
+            drop = cache.get_seq_length() - (ids.shape[1] - stride)
+            if drop > 0:  # a negative crop removes tokens on every transformers 5.x
+                cache.crop(-drop)
+            out = model(torch.cat([ids[:, -stride:], p], 1), past_key_values=cache, use_cache=True)
+        else:
+            cache = DynamicCache(config=model.config)
+            out = model(torch.cat([p, ids], 1), past_key_values=cache, use_cache=True)
+        new = []
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(stride - 1):
+            new.append(tok)
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        new.append(tok)
+        sync(device)
+        if c > 0 or cycles == 0:  # the first cycle is a warm-up
+            times.append(1e3 * (time.perf_counter() - t0))
+        ids = torch.cat([ids] + new, 1)  # the passage and new tokens leave at the next crop
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", default=None, help="default (SmolLM2) or llama2-7b-shape")
+    parser.add_argument("--contexts", default=None, help="comma-separated context lengths")
+    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument("--passage", type=int, default=128)
+    parser.add_argument("--cycles", type=int, default=2)
+    parser.add_argument("--modes", default="engine-append,engine-prepend,hf-append,hf-prepend,engine-none")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = args.model or ("default" if args.device == "cpu" else "llama2-7b-shape")
+    contexts = [int(x) for x in (args.contexts or ("512,1024,2048" if args.device == "cpu"
+                                                   else "1024,4096,8192,16384,32768")).split(",")]
+    model = build_model(name, device)
+    rows = []
+    for length in contexts:
+        context = torch.randint(100, model.config.vocab_size, (length,),
+                                generator=torch.Generator().manual_seed(length)).tolist()
+        row = {"context": length}
+        for mode in args.modes.split(","):
+            kind, layout = mode.split("-")
+            if kind == "engine":
+                ms = engine_cycle_ms(model, layout, context, args.stride, args.passage, args.cycles, device)
+            else:
+                unpatch_model(model)
+                ms = hf_cycle_ms(model, layout, context, args.stride, args.passage, args.cycles, device)
+            row[mode] = ms
+            print(f"L={length:6d} {mode:<15} {ms:9.1f} ms per cycle", flush=True)
+        if device.type == "cuda":
+            row["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row)
+    print(f"\n{'context':>8} " + " ".join(f"{m:>15}" for m in args.modes.split(",")) + "   prepend/append (engine)")
+    for row in rows:
+        ratio = row.get("engine-prepend", 0) / row["engine-append"] if "engine-append" in row else float("nan")
+        print(f"{row['context']:>8} " + " ".join(f"{row[m]:>13.1f}ms" for m in args.modes.split(","))
+              + f"   {ratio:.2f}x")
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    out = args.out or RESULTS / f"ralm_e2e_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": dev_name, "threads": torch.get_num_threads(), "model": name,
+                               "stride": args.stride, "passage": args.passage, "cycles": args.cycles,
+                               "torch": torch.__version__, "rows": rows}, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode in args.modes.split(","):
+            ax.plot(contexts, [r[mode] for r in rows], marker="o", label=mode)
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel("ms per retrieval cycle")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
