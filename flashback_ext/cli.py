@@ -132,7 +132,7 @@ def _retriever(args, tokenizer):
         retriever = build_index(corpus, args.retriever)
         retriever.save(folder)
         return retriever
-    except RetrievalError as exc:
+    except (RetrievalError, ValueError) as exc:
         raise CliError(str(exc)) from None
 
 
@@ -146,6 +146,16 @@ def _generator(args, model, tokenizer, retriever, mode: str):
                              capacity=args.capacity, overflow=args.overflow)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def _guarded(run):
+    """Run a generation; user-caused failures become one-line errors."""
+    from .cache import CacheOverflowError
+
+    try:
+        return run()
+    except (ValueError, CacheOverflowError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
 
 
 def _describe_device(model) -> str:
@@ -173,8 +183,8 @@ def cmd_demo(args) -> int:
     engines = {"append": (tuned, tuned_tok), "prepend": (model, tokenizer)}
     for mode in ("append", "prepend"):
         gen = _generator(args, *engines[mode], retriever, mode)
-        gen.generate(prompts[:1], max_new_tokens=2)  # warm-up: first-call overheads
-        results[mode] = gen.generate(prompts, max_new_tokens=args.max_new_tokens)
+        results[mode] = _guarded(lambda: (gen.generate(prompts[:1], max_new_tokens=2),  # warm-up
+                                          gen.generate(prompts, max_new_tokens=args.max_new_tokens))[1])
     for i, q in enumerate(questions):
         print("\n" + "=" * 78)
         print(q)
@@ -214,7 +224,7 @@ def _demo_long_context(args, engines, retriever) -> None:
     times = {}
     for mode in ("append", "prepend"):
         gen = _generator(args, *engines[mode], retriever, mode)
-        r = gen.generate(prompt, max_new_tokens=args.stride * 3, stop_on_eos=False)
+        r = _guarded(lambda: gen.generate(prompt, max_new_tokens=args.stride * 3, stop_on_eos=False))
         t = r.timing
         times[mode] = t
         print(f"  {mode:<8} total {t.total_s:6.2f} s | {t.ms_per_block:7.1f} ms per retrieval block "
@@ -242,8 +252,8 @@ def cmd_generate(args) -> int:
         results = gen.generate(prompts, max_new_tokens=args.max_new_tokens,
                                do_sample=args.sample, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=stream)
-    except (ValueError, CacheOverflowError) as exc:
-        raise CliError(str(exc)) from None
+    except (ValueError, CacheOverflowError, RuntimeError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
     if stream is not None:
         print()
     for prompt, r in zip(prompts, results):
@@ -267,7 +277,10 @@ def cmd_index(args) -> int:
 
         from .models import DEFAULT_MODEL, default_model_path
 
-        path = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
+        try:
+            path = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
+        except FileNotFoundError as exc:
+            raise CliError(str(exc)) from None
         if not (Path(path) / "tokenizer_config.json").exists() and not (Path(path) / "tokenizer.json").exists():
             raise CliError(f"no tokenizer at {path}")
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -308,6 +321,7 @@ def _add_example_args(p: argparse.ArgumentParser) -> None:
 def _examples(args, tokenizer):
     from .data import DataError
     from .experiment import ExampleSpec, prepare_examples
+    from .retrieval import RetrievalError
 
     spec = ExampleSpec(corpus=args.corpus, stride=args.stride, query_tokens=args.query_tokens,
                        passage_tokens=args.passage_tokens, budget=args.budget,
@@ -315,7 +329,7 @@ def _examples(args, tokenizer):
                        max_eval=args.max_eval_examples, seed=args.seed)
     try:
         return spec, *prepare_examples(tokenizer, spec, model_key=str(args.model))
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError, ValueError, RetrievalError) as exc:
         raise CliError(str(exc)) from None
 
 
@@ -327,7 +341,8 @@ def cmd_train(args) -> int:
 
     model, tokenizer = _load(args)
     spec, train, _ = _examples(args, tokenizer)
-    settings = TrainSettings(layout=args.layout, markers=not args.no_markers and args.layout != "none",
+    settings = TrainSettings(layout=args.layout,
+                             markers=args.markers if args.markers is not None else args.layout == "append",
                              steps=args.steps, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, lr=args.lr, lora_r=args.lora_r,
                              lora_alpha=args.lora_alpha, seed=args.seed,
@@ -366,6 +381,12 @@ def cmd_eval(args) -> int:
                 m, tok = load_adapter(fresh, adapters[setting.adapter])
             except AdapterError as exc:
                 raise CliError(str(exc)) from None
+            info = json.loads((Path(adapters[setting.adapter]) / "flashback_run.json").read_text())
+            trained = (info["settings"]["layout"], bool(info["settings"]["markers"]))
+            if trained != (setting.layout, setting.markers):
+                raise CliError(f"adapter {adapters[setting.adapter]} was trained with layout "
+                               f"{trained[0]!r}, markers {trained[1]}; row {setting.name} needs "
+                               f"{setting.layout!r}, markers {setting.markers}")
         t0 = time.perf_counter()
         result = perplexity(m, tok, evals, setting.layout, setting.markers,
                             batch_size=args.batch_size)
@@ -418,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a FlashBack LoRA adapter (+ marker rows)")
     _add_example_args(train)
     train.add_argument("--layout", choices=["append", "prepend", "none"], default="append")
-    train.add_argument("--no-markers", action="store_true")
+    marks = train.add_mutually_exclusive_group()
+    marks.add_argument("--markers", dest="markers", action="store_true", default=None,
+                       help="wrap passages in <MARK_L>/<MARK_R> (default for --layout append)")
+    marks.add_argument("--no-markers", dest="markers", action="store_false")
     train.add_argument("--steps", type=int, default=200)
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--grad-accum", type=int, default=1)
@@ -466,7 +490,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     for name in ("stride", "query_tokens", "passage_tokens", "k", "max_new_tokens", "steps",
-                 "batch_size", "budget", "max_train_examples", "max_eval_examples"):
+                 "batch_size", "budget", "max_train_examples", "max_eval_examples", "grad_accum",
+                 "save_steps", "lora_r", "lora_alpha"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"flashback: error: --{name.replace('_', '-')} must be >= 1, got {value}",

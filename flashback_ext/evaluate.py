@@ -67,6 +67,8 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
 @torch.no_grad()
 def engine_perplexity(engine, examples: Sequence[Example]) -> dict:
     """Perplexity of the targets computed by the RALM engine's append path (KV cache reuse)."""
+    if not examples:
+        raise ValueError("no examples to score")
     total, count = 0.0, 0
     exclude = list(marker_ids(engine.tokenizer) or ())
     for ex in examples:

@@ -138,7 +138,10 @@ class RALMGenerator:
         ids: list[int] = []
         for hit in hits:
             p = hit.passage
-            tokens = p.token_ids or self.tokenizer.encode(p.text, add_special_tokens=False)
+            tokens = p.token_ids
+            # an index built with another tokenizer: its ids would be garbage for this model
+            if not tokens or self.tokenizer.decode(tokens).strip() != p.text:
+                tokens = self.tokenizer.encode(p.text, add_special_tokens=False)
             ids += list(tokens[: self.passage_tokens])
         return [self.markers[0], *ids, self.markers[1]] if self.markers else ids
 
@@ -192,7 +195,8 @@ class RALMGenerator:
         probs = torch.softmax(logits, dim=-1)
         if top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # always keeps the top token
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+            keep[0] = True  # the most likely token always survives (also for top_p <= 0)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
@@ -325,7 +329,11 @@ class RALMGenerator:
             for b in range(batch):
                 if not active[b]:
                     continue
-                tok = self._sample(logits[b], do_sample, temperature, top_k, top_p, gen)
+                row = logits[b]
+                if self.markers:  # markers are layout, never text: never generate one
+                    row = row.clone()
+                    row[list(self.markers)] = float("-inf")
+                tok = self._sample(row, do_sample, temperature, top_k, top_p, gen)
                 if trace:
                     traces[b].append((views[b][:], logits[b].detach().cpu()))
                 tokens[b].append(tok)

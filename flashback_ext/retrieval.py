@@ -138,7 +138,8 @@ class _Retriever:
         results: list[list[Hit]] = [[] for _ in queries]
         want = min(n, k)
         pending = list(range(len(queries)))
-        fetch = min(n, max(4 * k, k + 8))
+        max_fetch = min(n, 2048)  # faiss on the GPU refuses k > 2048
+        fetch = min(max_fetch, max(4 * k, k + 8))
         while pending:
             ids, scores = self._scores([queries[i] for i in pending], fetch)
             still = []
@@ -155,12 +156,12 @@ class _Retriever:
                     hits.append(Hit(p, float(score)))
                     if len(hits) == want:
                         break
-                if len(hits) < want and fetch < n:
+                if len(hits) < want and fetch < max_fetch:
                     still.append(qi)
                 else:
                     results[qi] = hits
             pending = still
-            fetch = min(n, fetch * 4)
+            fetch = min(max_fetch, fetch * 4)
         return results
 
     def search(self, query: str, k: int = 1, exclude_doc_ids: Iterable[str] = (),

@@ -84,7 +84,10 @@ def _trainer_class():
             keep = Collator.keep_logits(labels)
             outputs = model(**inputs, logits_to_keep=keep)
             nll, count = target_nll(outputs.logits, labels[:, -keep:], self.exclude_ids)
-            loss = nll / max(count, 1)
+            # the Trainer passes the target count of the whole accumulated batch and then does
+            # not divide by the accumulation steps itself
+            denom = num_items_in_batch if num_items_in_batch is not None else count
+            loss = nll / max(int(denom), 1)
             return (loss, outputs) if return_outputs else loss
 
     return FlashBackTrainer
@@ -168,7 +171,11 @@ def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False):
     if not run_file.exists() or not (folder / "adapter_config.json").exists():
         raise AdapterError(f"no FlashBack adapter at {folder} ({RUN_FILE} or adapter_config.json "
                            f"missing)")
-    info = json.loads(run_file.read_text())
+    try:
+        info = json.loads(run_file.read_text())
+        info["settings"]["layout"], info["base"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AdapterError(f"corrupt adapter folder {folder}: {RUN_FILE} unreadable ({exc})") from None
     mine = _base_signature(model)
     theirs = info.get("base", {})
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):

@@ -59,6 +59,8 @@ def test_generate_and_index_commands(tiny_model_dir, corpus_dir, tmp_path, capsy
     (["generate", "--prompt", "x", "--stride", "0"], "--stride must be >= 1"),
     (["generate", "--prompt", "the for loop", "--capacity", "8"], "cache slots, capacity is 8"),
     (["generate"], "give at least one --prompt"),
+    (["generate", "--prompt", "x", "--passage-tokens", "3"], "max_tokens must be >= 8"),
+    (["train", "--out", "x", "--lora-r", "0"], "--lora-r must be >= 1"),
     (["index", "search", "--index", "/no/such/index", "q"], "no index at"),
 ])
 def test_bad_input_one_line_exit_2(argv, match, tiny_model_dir, corpus_dir, capsys):
@@ -112,3 +114,7 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     assert [r["name"] for r in rows] == ["N.", "P.", "A.", "A.+LoRA+M.T."]
     assert main(["eval", *common, "--adapter", "bogus"]) == 2
     assert main(["eval", *common, "--adapter", f"append={tmp_path / 'none'}"]) == 2
+    capsys.readouterr()
+    # an append+markers adapter cannot fill the A.+LoRA (no markers) row
+    assert main(["eval", *common, "--adapter", f"append={out}"]) == 2
+    assert "needs 'append', markers False" in capsys.readouterr().err

@@ -134,3 +134,52 @@ def test_engine_exact_on_embedded_smollm2(smollm2, mode):
     err = max_trace_error(model, results)
     print(f"SmolLM2 {mode}: max |engine - from-scratch| logits = {err:.2e}")
     assert err <= 1e-3
+
+
+def test_markers_are_never_generated():
+    tiny = tiny_llama(vocab_size=260, layers=2)  # own copy: the weights are edited below
+    tok = ByteTokenizer(markers=True)
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=4)
+    with torch.no_grad():  # make the markers overwhelmingly likely
+        tiny.lm_head.weight[257:259] *= 0
+        tiny.lm_head.weight[257:259] += 50 * tiny.model.norm.weight
+    r = gen.generate("abc", max_new_tokens=12, stop_on_eos=False)
+    assert not {257, 258} & set(r.token_ids)
+
+
+def test_top_p_zero_keeps_the_best_token(tiny):
+    tok = ByteTokenizer()
+    greedy = RALMGenerator(tiny, tok, None, mode="none").generate("abc", max_new_tokens=6,
+                                                                  stop_on_eos=False)
+    nucleus = RALMGenerator(tiny, tok, None, mode="none").generate(
+        "abc", max_new_tokens=6, do_sample=True, top_p=0.0, seed=1, stop_on_eos=False)
+    assert nucleus.token_ids == greedy.token_ids
+
+
+def test_passages_from_another_tokenizer_are_reencoded(tiny):
+    tok = ByteTokenizer()
+    ret = ListRetriever(TEXTS, tok)
+    for p in ret.corpus.passages:  # as if an index had been built with another tokenizer
+        p.token_ids = [x + 1 for x in p.token_ids]
+    gen = RALMGenerator(tiny, tok, ret, stride=4, passage_tokens=200)
+    from flashback_ext.retrieval import Hit
+    block = gen.passage_block([Hit(ret.corpus.passages[2], 1.0)])
+    assert block == list(TEXTS[2].encode())
+
+
+@pytest.mark.slow
+def test_shipped_adapter_drives_append_mode():
+    from flashback_ext.models import default_adapter_path, load_model
+    from flashback_ext.retrieval import BM25Retriever, Corpus
+    from flashback_ext.train import load_adapter
+
+    path = default_adapter_path()
+    assert path is not None, "the package ships the SmolLM2 FlashBack adapter"
+    base, tokenizer = load_model("default", device="cpu")
+    tuned, tuned_tok = load_adapter(base, path, merge=True)
+    assert len(tuned_tok) == len(tokenizer) + 2
+    engine = RALMGenerator(tuned, tuned_tok, BM25Retriever(Corpus.default(tokenizer)), stride=8)
+    assert engine.use_markers
+    r = engine.generate("The try statement", max_new_tokens=12, trace=True, stop_on_eos=False)
+    assert len(r.retrievals) == 2 and not set(engine.markers) & set(r.token_ids)
+    assert max_trace_error(tuned, [r]) <= 1e-3
