@@ -207,7 +207,7 @@ def cmd_demo(args) -> int:
     if tuned is model:
         print("  note: without the FlashBack LoRA adapter and marking tokens the base model reads "
               "appended passages poorly (the paper's 'A.' row); prepend is the quality reference")
-    else:
+    elif args.adapter == "auto":
         print("  note: the shipped adapter is a short CPU run (docs/RESULTS.md: held-out append "
               "perplexity 25.6 vs 64.8 untrained, prepend+LoRA 11.7); prepend is the quality "
               "reference until a longer run replaces it")
