@@ -73,13 +73,10 @@ class RingKVCache:
         shape = (batch_size, num_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        # host state per layer and sequence
-        self._len = [[0] * batch_size for _ in range(num_layers)]
-        self._off = [[0] * batch_size for _ in range(num_layers)]
-        self._evicted = [[0] * batch_size for _ in range(num_layers)]
-        # device mirrors: row l = layer l
+        # device mirrors of the host state below: row l = layer l
         self.kv_lens = torch.zeros(num_layers, batch_size, dtype=torch.int32, device=self.device)
         self.ring_offset = torch.zeros_like(self.kv_lens)
+        self.reset()  # host state per layer and sequence: lengths, ring offsets, evicted counts
 
     # ------------------------------------------------------------------------------ queries
     def lengths(self, layer: int = 0) -> list[int]:

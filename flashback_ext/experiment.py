@@ -66,10 +66,10 @@ def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
                                       passage_tokens=spec.passage_tokens, budget=spec.budget,
                                       seed=seed, max_examples=count, progress=progress)
 
-    root = cache_dir() / "examples" / "examples.json"
-    train = load_or_build_examples(root.with_name("train.json"), dict(key, part="train"),
+    folder = cache_dir() / "examples"
+    train = load_or_build_examples(folder / "train.json", dict(key, part="train"),
                                    build(train_docs, spec.max_train, spec.seed))
-    evals = load_or_build_examples(root.with_name("eval.json"), dict(key, part="eval"),
+    evals = load_or_build_examples(folder / "eval.json", dict(key, part="eval"),
                                    build(eval_docs, spec.max_eval, spec.seed + 1))
     logger.info("%d train / %d eval examples from %d / %d documents", len(train), len(evals),
                 len(train_docs), len(eval_docs))

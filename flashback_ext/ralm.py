@@ -290,18 +290,15 @@ class RALMGenerator:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx = [0] * batch  # end (absolute position) of the committed context, append mode
 
-        def run_block(blocks: list[list[int]], reset: bool, prefill: bool = False) -> list:
+        def run_block(blocks: list[list[int]], reset: bool, kind: str = "block") -> list:
+            """Forward ragged blocks, keep ``views`` in step, time it as prefill/block/decode."""
             t0 = time.perf_counter()
             if reset:
                 cache.reset()
             for b, block in enumerate(blocks):
                 views[b] = ([] if reset else views[b]) + block
             logits = self._forward(cache, blocks)
-            elapsed = time.perf_counter() - t0
-            if prefill:
-                timing.prefill_s += elapsed
-            else:
-                timing.block_s += elapsed
+            setattr(timing, f"{kind}_s", getattr(timing, f"{kind}_s") + time.perf_counter() - t0)
             return logits
 
         def retrieval_blocks(generated: int) -> list[list[int]]:
@@ -313,13 +310,13 @@ class RALMGenerator:
 
         # first forward: the prompt (with the first retrieval unless mode == "none")
         if self.mode == "none":
-            logits = run_block([list(t) for t in tokens], reset=True, prefill=True)
+            logits = run_block([list(t) for t in tokens], reset=True, kind="prefill")
         elif self.mode == "prepend":
             passages = retrieval_blocks(0)
             logits = run_block([p + t for p, t in zip(passages, tokens)], reset=True)
         else:  # append: prefill all but the last stride, then [last stride | E] as one block
             ctx = [max(0, n - self.stride) for n in prompt_lens]
-            run_block([t[:c] for t, c in zip(tokens, ctx)], reset=True, prefill=True)
+            run_block([t[:c] for t, c in zip(tokens, ctx)], reset=True, kind="prefill")
             passages = retrieval_blocks(0)
             logits = run_block([t[c:] + p for t, c, p in zip(tokens, ctx, passages)], reset=False)
             ctx = prompt_lens[:]
@@ -352,7 +349,7 @@ class RALMGenerator:
                     logits = run_block(blocks, reset=True)
                 else:
                     # roll back to the end of the previous context, then [new tokens | E_new]
-                    back = [cache.next_positions()[b] - ctx[b] for b in range(batch)]
+                    back = [pos - c for pos, c in zip(cache.next_positions(), ctx)]
                     cache.rollback(back)
                     for b in range(batch):
                         views[b] = views[b][: len(views[b]) - back[b]]
@@ -360,12 +357,8 @@ class RALMGenerator:
                     logits = run_block(blocks, reset=False)
                     ctx = [len(t) if active[b] else ctx[b] for b, t in enumerate(tokens)]
             else:
-                t0 = time.perf_counter()
                 blocks = [[pending[b]] if active[b] else [] for b in range(batch)]
-                for b in range(batch):
-                    views[b] += blocks[b]
-                logits = self._forward(cache, blocks)
-                timing.decode_s += time.perf_counter() - t0
+                logits = run_block(blocks, reset=False, kind="decode")
                 timing.decode_steps += 1
             pending = [None] * batch
         timing.total_s = time.perf_counter() - start_all
