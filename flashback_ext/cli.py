@@ -348,7 +348,9 @@ def cmd_train(args) -> int:
     settings = TrainSettings(layout=args.layout,
                              markers=args.markers if args.markers is not None else args.layout == "append",
                              steps=args.steps, batch_size=args.batch_size,
-                             grad_accum=args.grad_accum, lr=args.lr, lora_r=args.lora_r,
+                             grad_accum=args.grad_accum, lr=args.lr, marker_lr=args.marker_lr,
+                             target_modules=[m for m in args.lora_targets.split(",") if m],
+                             lora_r=args.lora_r,
                              lora_alpha=args.lora_alpha, seed=args.seed,
                              save_steps=args.save_steps)
     out = train_adapter(model, tokenizer, train, args.out, settings=settings, resume=args.resume,
@@ -451,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--marker-lr", type=float, default=None,
+                       help="learning rate of the two marker rows (default: --lr)")
+    train.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+                       help="comma-separated module names that get LoRA matrices")
     train.add_argument("--lora-r", type=int, default=16)
     train.add_argument("--lora-alpha", type=int, default=32)
     train.add_argument("--save-steps", type=int, default=100)
@@ -501,6 +507,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"flashback: error: --{name.replace('_', '-')} must be >= 1, got {value}",
                   file=sys.stderr)
             return 2
+    for name in ("lr", "marker_lr"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            print(f"flashback: error: --{name.replace('_', '-')} must be > 0, got {value}",
+                  file=sys.stderr)
+            return 2
+    if getattr(args, "lora_targets", "x").strip(", ") == "":
+        print("flashback: error: --lora-targets names no module", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except CliError as exc:

@@ -24,6 +24,8 @@ __all__ = ["TrainSettings", "train_adapter", "load_adapter", "AdapterError", "RU
 
 logger = logging.getLogger(__name__)
 RUN_FILE = "flashback_run.json"
+# peft names the trainable marker rows of the embedding with this (TrainableTokensLayer)
+MARKER_PARAM = "trainable_tokens_delta"
 
 
 class AdapterError(ValueError):
@@ -38,6 +40,9 @@ class TrainSettings:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-4
+    # the two marker rows start as the mean embedding and must move far to act as separators;
+    # None trains them at ``lr`` like the LoRA weights
+    marker_lr: Optional[float] = None
     warmup_ratio: float = 0.1
     lora_r: int = 16
     lora_alpha: int = 32
@@ -78,6 +83,20 @@ def _trainer_class():
         """Loss = mean NLL of the target tokens, marker logits excluded from the softmax."""
 
         exclude_ids: tuple[int, ...] = ()
+        marker_lr: Optional[float] = None
+
+        def create_optimizer(self, model=None):
+            opt_model = self.model if model is None else model
+            if self.optimizer is None and self.marker_lr is not None:
+                params = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+                rows = [p for n, p in params if MARKER_PARAM in n]
+                rest = [p for n, p in params if MARKER_PARAM not in n]
+                groups = [{"params": rest, "weight_decay": self.args.weight_decay}]
+                if rows:  # no weight decay on embedding rows, as for the Trainer's default
+                    groups.append({"params": rows, "weight_decay": 0.0, "lr": self.marker_lr})
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                self.optimizer = cls(groups, **kwargs)
+            return super().create_optimizer(model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
@@ -138,6 +157,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
                           data_collator=Collator(settings.layout, markers,
                                                  tokenizer.pad_token_id or 0))
     trainer.exclude_ids = tuple(marker_ids(tokenizer) or ())
+    trainer.marker_lr = settings.marker_lr if settings.markers else None
     has_ckpt = resume and any((out / "checkpoints").glob("checkpoint-*"))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if has_ckpt else None)

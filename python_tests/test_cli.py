@@ -61,6 +61,9 @@ def test_generate_and_index_commands(tiny_model_dir, corpus_dir, tmp_path, capsy
     (["generate"], "give at least one --prompt"),
     (["generate", "--prompt", "x", "--passage-tokens", "3"], "max_tokens must be >= 8"),
     (["train", "--out", "x", "--lora-r", "0"], "--lora-r must be >= 1"),
+    (["train", "--out", "x", "--marker-lr", "0"], "--marker-lr must be > 0"),
+    (["train", "--out", "x", "--lr=-1e-4"], "--lr must be > 0"),
+    (["train", "--out", "x", "--lora-targets", ","], "--lora-targets names no module"),
     (["index", "search", "--index", "/no/such/index", "q"], "no index at"),
 ])
 def test_bad_input_one_line_exit_2(argv, match, tiny_model_dir, corpus_dir, capsys):

@@ -133,12 +133,12 @@ def test_perplexity_matches_hand_computation(model, tok):
     assert got["tokens"] == 3 and abs(got["ppl"] - math.exp(nll)) < 1e-4 * math.exp(nll)
 
 
-def _train(model, tok, setup, tmp_path, layout="append", markers=True, steps=3):
+def _train(model, tok, setup, tmp_path, layout="append", markers=True, steps=3, **extra):
     docs, retriever = setup
     exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
                          budget=64, max_examples=16, progress=False)
-    settings = TrainSettings(layout=layout, markers=markers, steps=steps, batch_size=4, lr=1e-2,
-                             save_steps=100, logging_steps=1)
+    settings = TrainSettings(layout=layout, markers=markers, steps=steps, batch_size=4,
+                             **{"lr": 1e-2, "save_steps": 100, "logging_steps": 1, **extra})
     return exs, train_adapter(model, tok, exs, tmp_path / "adapter", settings=settings)
 
 
@@ -163,6 +163,18 @@ def test_only_marker_rows_and_lora_change(model, tok, setup, tmp_path):
     out = emb(torch.tensor(list(ids)))
     init = before["model.embed_tokens.weight"][:n_rows].mean(0)
     assert not torch.allclose(out[0], init)
+
+
+def test_marker_rows_get_their_own_learning_rate(model, tok, setup, tmp_path):
+    # one Adam step moves every parameter by about its learning rate: with a negligible LoRA rate
+    # the LoRA B matrices (zero at init) stay ~0 while the marker rows move by ~marker_lr
+    _train(model, tok, setup, tmp_path, steps=1, lr=1e-9, marker_lr=0.1, warmup_ratio=0.0)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+    assert lora_b and len(rows) == 1
+    assert max(float(p.abs().max()) for p in lora_b) < 1e-7
+    moved = rows[0].detach().abs()
+    assert float(moved.mean()) > 0.02 and float(moved.max()) < 0.2
 
 
 def test_adapter_round_trip_gives_identical_logits(model, tok, setup, tmp_path):

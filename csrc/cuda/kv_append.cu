@@ -58,7 +58,8 @@ void kv_append_cuda(const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor
   const int64_t d = k_cache.size(3);
   TORCH_CHECK(d % 8 == 0, "CUDA kv_append needs a head dim divisible by 8, got ", d);
   const int64_t batch = k_new.size(0), heads = k_new.size(1), n = k_new.size(2);
-  if (batch * heads * n == 0) return;
+  // d == 0 passes the d % 8 check but would launch zero blocks (invalid configuration).
+  if (batch * heads * n * d == 0) return;
   const at::cuda::CUDAGuard guard(k_cache.device());
   const at::Tensor kn = vector_friendly(k_new), vn = vector_friendly(v_new);
   const int64_t total = batch * heads * n * (d / 8);
