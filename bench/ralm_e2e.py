@@ -7,10 +7,16 @@ append mode vs prepend mode, in our engine and in the official-style Hugging Fac
 As in the paper's runtime test, contexts, queries and passages are random token ids (no retriever
 in the timed loop). Modes:
 * ``engine-append`` / ``engine-prepend`` / ``engine-none``: :class:`flashback_ext.RALMGenerator`
-  (patched attention, RingKVCache, O(1) rollback);
+  (patched attention, RingKVCache, O(1) rollback; CUDA-graph decode on the GPU);
+* ``eager-append`` / ``eager-prepend``: the same engine without CUDA graphs (what graphs buy);
 * ``hf-append``: HF eager + ``DynamicCache``: crop to ``t - stride``, forward
   ``[last stride | passage]``, decode ``stride`` tokens (the official FlashBack loop);
 * ``hf-prepend``: HF eager, re-encode ``[passage | context]`` from scratch every cycle.
+Every engine mode is warmed up once (graph capture, cuBLAS init) before it is timed. Also per
+context: decode ms/token against its floor (weight + live KV bytes / copy bandwidth), the prepend
+re-encode's TFLOP/s against the matmul rate (both ceilings measured in the same run), peak GPU
+memory per mode, and with ``--batch N`` the tokens/s of N prompts of different lengths in one
+engine vs one prompt.
 Prints a table and writes JSON (and a PNG when matplotlib is installed) under bench/results/.
 """
 from __future__ import annotations
@@ -25,6 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import measure_ceilings  # noqa: E402
 from flashback_ext.hf import unpatch_model  # noqa: E402
 from flashback_ext.ralm import RALMGenerator  # noqa: E402
 from flashback_ext.retrieval import Hit, Passage  # noqa: E402
@@ -83,21 +91,51 @@ def build_model(name: str, device: torch.device):
                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                           max_position_embeddings=65536)
         with torch.device(device):
-            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+            model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
         return model.eval()
     raise SystemExit(f"unknown --model {name!r}")
 
 
 @torch.no_grad()
-def engine_cycle_ms(model, mode, context, stride, passage, cycles, device) -> float:
+def engine_cycle(model, mode, contexts, stride, passage, cycles, graphs) -> dict:
+    """Warm up, then time ``cycles + 1`` retrieval cycles for a batch of contexts."""
     vocab = model.config.vocab_size
     engine = RALMGenerator(model, IdTokenizer(), RandomPassages(vocab, passage), mode=mode,
-                           stride=stride, passage_tokens=passage)
-    r = engine.generate_ids([context], stride * (cycles + 1), stop_on_eos=False)[0]
-    sync(device)
-    t = r.timing
-    steps = max(1, t.retrievals if mode != "none" else cycles + 1)
-    return 1e3 * (t.block_s + t.decode_s) / steps
+                           stride=stride, passage_tokens=passage, cuda_graphs=graphs)
+    new = stride * (cycles + 1)
+    engine.generate_ids(contexts, new, stop_on_eos=False)  # warm-up: capture, workspaces
+    t = engine.generate_ids(contexts, new, stop_on_eos=False)[0].timing
+    cycles_run = max(1, t.retrievals if mode != "none" else cycles + 1)
+    busy = t.block_s + t.decode_s
+    engine.release_graphs()
+    return {"cycle_ms": 1e3 * busy / cycles_run, "decode_ms_per_token": t.ms_per_token,
+            "block_ms": 1e3 * t.block_s / max(1, t.retrievals),
+            "tokens_per_s": len(contexts) * new / max(busy + t.prefill_s, 1e-9),
+            "graph_steps": t.graph_steps, "decode_steps": t.decode_steps}
+
+
+def model_bytes(model) -> tuple[int, int]:
+    """(bytes a decode step reads: every weight except the input embedding table unless tied,
+    non-embedding parameter count for prefill FLOPs)."""
+    emb = model.get_input_embeddings().weight
+    tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    read = total - (0 if tied else emb.numel() * emb.element_size())
+    params = sum(p.numel() for p in model.parameters()) - emb.numel()
+    return read, params
+
+
+def floors(model, length, passage, ceilings) -> dict:
+    """Decode floor at ``length`` live tokens, and prepend's re-encode FLOPs."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    read, params = model_bytes(model)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * length * elem
+    n = length + passage  # prepend re-encodes [passage | context] causally
+    attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * n * n / 2
+    return {"decode_floor_ms": (read + kv) / (ceilings["copy_GBps"] * 1e6),
+            "prepend_block_TFLOP": (2 * params * n + attn) / 1e12}
 
 
 @torch.no_grad()
@@ -144,48 +182,88 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=16)
     parser.add_argument("--passage", type=int, default=128)
     parser.add_argument("--cycles", type=int, default=2)
-    parser.add_argument("--modes", default="engine-append,engine-prepend,hf-append,hf-prepend,engine-none")
+    parser.add_argument("--modes", default=None,
+                        help="default: engine-append,engine-prepend,hf-append,hf-prepend,engine-none"
+                             " (plus eager-append,eager-prepend on cuda)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="also time engine-append on this many prompts of different lengths")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
+    modes = (args.modes or "engine-append,engine-prepend,hf-append,hf-prepend,engine-none"
+             + (",eager-append,eager-prepend" if args.device == "cuda" else "")).split(",")
     name = args.model or ("default" if args.device == "cpu" else "llama2-7b-shape")
     contexts = [int(x) for x in (args.contexts or ("512,1024,2048" if args.device == "cpu"
                                                    else "1024,4096,8192,16384,32768")).split(",")]
     model = build_model(name, device)
+    ceilings = measure_ceilings(args.device)
+    print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul "
+          f"{ceilings['matmul_TFLOPs']:.1f} TFLOP/s ({ceilings['matmul_dtype']})", flush=True)
+    weights = model_bytes(model)[0]
     rows = []
-    for length in contexts:
-        context = torch.randint(100, model.config.vocab_size, (length,),
-                                generator=torch.Generator().manual_seed(length)).tolist()
-        row = {"context": length}
-        for mode in args.modes.split(","):
-            kind, layout = mode.split("-")
-            if kind == "engine":
-                ms = engine_cycle_ms(model, layout, context, args.stride, args.passage, args.cycles, device)
-            else:
-                unpatch_model(model)
-                ms = hf_cycle_ms(model, layout, context, args.stride, args.passage, args.cycles, device)
-            row[mode] = ms
-            print(f"L={length:6d} {mode:<15} {ms:9.1f} ms per cycle", flush=True)
-        if device.type == "cuda":
-            row["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(row)
-    print(f"\n{'context':>8} " + " ".join(f"{m:>15}" for m in args.modes.split(",")) + "   prepend/append (engine)")
-    for row in rows:
-        ratio = row.get("engine-prepend", 0) / row["engine-append"] if "engine-append" in row else float("nan")
-        print(f"{row['context']:>8} " + " ".join(f"{row[m]:>13.1f}ms" for m in args.modes.split(","))
-              + f"   {ratio:.2f}x")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     out = args.out or RESULTS / f"ralm_e2e_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": dev_name, "threads": torch.get_num_threads(), "model": name,
-                               "stride": args.stride, "passage": args.passage, "cycles": args.cycles,
-                               "torch": torch.__version__, "rows": rows}, indent=1))
+
+    def save():
+        out.write_text(json.dumps({"device": dev_name, "threads": torch.get_num_threads(),
+                                   "model": name, "ceilings": ceilings,
+                                   "weights_GB": weights / 2**30, "stride": args.stride,
+                                   "passage": args.passage, "cycles": args.cycles,
+                                   "torch": torch.__version__, "rows": rows}, indent=1))
+
+    for length in contexts:
+        context = torch.randint(100, model.config.vocab_size, (length,),
+                                generator=torch.Generator().manual_seed(length)).tolist()
+        row = {"context": length, **floors(model, length, args.passage, ceilings), "detail": {}}
+        for mode in modes:
+            kind, layout = mode.split("-")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            if kind in ("engine", "eager"):
+                detail = engine_cycle(model, layout, [context], args.stride, args.passage,
+                                      args.cycles, None if kind == "engine" else False)
+                ms = detail["cycle_ms"]
+            else:
+                unpatch_model(model)
+                ms, detail = hf_cycle_ms(model, layout, context, args.stride, args.passage, args.cycles, device), {}
+            if device.type == "cuda":
+                detail["peak_mem_GB_beyond_weights"] = (torch.cuda.max_memory_allocated() - weights) / 2**30
+            row[mode] = ms
+            row["detail"][mode] = detail
+            extra = ""
+            if "decode_ms_per_token" in detail:
+                extra = (f"  decode {detail['decode_ms_per_token']:.2f} ms/token "
+                         f"({row['decode_floor_ms'] / detail['decode_ms_per_token']:.0%} of floor)"
+                         f"  block {detail['block_ms']:.1f} ms")
+                if layout == "prepend":
+                    rate = row["prepend_block_TFLOP"] / detail["block_ms"] * 1e3
+                    extra += f" = {rate:.1f} TFLOP/s ({rate / ceilings['matmul_TFLOPs']:.0%} of matmul)"
+            print(f"L={length:6d} {mode:<15} {ms:9.1f} ms per cycle{extra}", flush=True)
+        if args.batch > 1:  # lengths spread over [L/2, L]
+            lens = [max(args.stride + 1, length - i * length // (2 * args.batch)) for i in range(args.batch)]
+            ctxs = [context[:n] for n in lens]
+            one = engine_cycle(model, "append", [context], args.stride, args.passage, args.cycles, None)
+            many = engine_cycle(model, "append", ctxs, args.stride, args.passage, args.cycles, None)
+            row["batch"] = {"size": args.batch, "lengths": lens, "tokens_per_s": many["tokens_per_s"],
+                            "batch1_tokens_per_s": one["tokens_per_s"]}
+            print(f"L={length:6d} batch {args.batch}: {many['tokens_per_s']:.0f} tokens/s vs "
+                  f"{one['tokens_per_s']:.0f} at batch 1 "
+                  f"({many['tokens_per_s'] / one['tokens_per_s']:.2f}x)", flush=True)
+        rows.append(row)
+        save()  # after every context, so a run cut short still leaves its rows
+    print(f"\n{'context':>8} " + " ".join(f"{m:>15}" for m in modes) + "   prepend/append (engine)")
+    for row in rows:
+        ratio = row.get("engine-prepend", 0) / row["engine-append"] if "engine-append" in row else float("nan")
+        print(f"{row['context']:>8} " + " ".join(f"{row[m]:>13.1f}ms" for m in modes)
+              + f"   {ratio:.2f}x")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 4))
-        for mode in args.modes.split(","):
+        for mode in modes:
             ax.plot(contexts, [r[mode] for r in rows], marker="o", label=mode)
         ax.set_xlabel("context tokens")
         ax.set_ylabel("ms per retrieval cycle")

@@ -167,6 +167,35 @@ class RingKVCache:
         self._evicted[layer] = evicted
         self._sync(layer)
 
+    def append_on_device(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
+                         counts: torch.Tensor) -> None:
+        """Graph-capturable append for a decode step (CUDA graphs): write ``k_new, v_new
+        [B, Hkv, n, D]`` at the DEVICE lengths and advance them by ``counts`` (int32 ``[B]`` on the
+        cache's device), reading and writing no host state and never evicting.
+
+        The caller checks beforehand that every sequence has room (``lengths + counts <=
+        capacity``) and calls :meth:`advance_host` with the same counts once per step afterwards,
+        so the host mirror stays equal to the device lengths.
+        """
+        k, v, lens, offs = self.layer_state(layer)
+        ops.kv_append(k_new, v_new, k, v, lens, offs, self.sink)
+        lens.add_(counts)
+
+    def advance_host(self, counts: Sequence[int]) -> None:
+        """Advance the host lengths of every layer by ``counts`` after device-side appends."""
+        counts = self._per_seq(list(counts), "counts")
+        new = [[x + c for x, c in zip(lens, counts)] for lens in self._len]
+        if max(max(row) for row in new) > self.capacity:
+            raise CacheOverflowError(f"advance_host: lengths {new[0]} exceed the capacity "
+                                     f"{self.capacity} (the device append had no room)")
+        self._len = new
+
+    def sync_device(self) -> None:
+        """Copy the host lengths/offsets of every layer into the device rows (undoes device-only
+        changes such as a CUDA-graph warm-up)."""
+        for layer in range(self.num_layers):
+            self._sync(layer)
+
     def rollback(self, n: IntOrSeq) -> None:
         """Forget the newest ``n`` tokens (an int, or one per sequence) of every layer; O(1)."""
         counts = self._per_seq(n, "n")

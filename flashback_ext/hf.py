@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import ops
 from .cache import RingKVCache
 
 __all__ = ["FlashBackCache", "patch_model", "unpatch_model", "is_patched", "SUPPORTED_ATTENTION",
@@ -53,6 +54,9 @@ class FlashBackCache:
         self.ring = RingKVCache(self.num_layers, batch_size, config.num_key_value_heads, head_dim,
                                 capacity, dtype=dtype, device=device, sink=sink, overflow=overflow)
         self.new_tokens: Optional[list[int]] = None
+        # set by flashback_ext.cuda_graph during a static decode step: device int32 [B] tokens per
+        # sequence (1 live, 0 finished); the step then touches device state only (capturable)
+        self.step_counts: Optional[torch.Tensor] = None
 
     @classmethod
     def for_model(cls, model, batch_size: int, capacity: int, **kwargs) -> "FlashBackCache":
@@ -65,6 +69,11 @@ class FlashBackCache:
     def append_and_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           scale: float) -> torch.Tensor:
         """Append this layer's new K/V and return attention output ``[B, Sq, Hq, D]``."""
+        if self.step_counts is not None:
+            self.ring.append_on_device(layer_idx, k, v, self.step_counts)
+            kc, vc, lens, offs = self.ring.layer_state(layer_idx)
+            return ops.append_attention(q, kc, vc, lens, offs, self.ring.sink, scale,
+                                        self.step_counts)[0]
         self.ring.append(layer_idx, k, v, self.new_tokens)
         out, _ = self.ring.attend(layer_idx, q, scale, q_lens=self.new_tokens)
         return out

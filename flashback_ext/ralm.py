@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .cuda_graph import DecodeGraph
 from .hf import FlashBackCache, cache_kwarg_name, patch_model
 
 __all__ = ["RALMGenerator", "GenerationResult", "RetrievalRecord", "Timing", "MARK_L", "MARK_R"]
@@ -50,6 +51,7 @@ class Timing:
     decode_s: float = 0.0
     total_s: float = 0.0
     decode_steps: int = 0
+    graph_steps: int = 0  # decode steps run by the DecodeGraph (CUDA replays; its static step elsewhere)
     retrievals: int = 0
 
     @property
@@ -89,12 +91,18 @@ class RALMGenerator:
         capacity: cache slots per sequence; default: enough for the prompt, the new tokens and
             one retrieval block.
         overflow, sink: the cache's overflow policy (``"error"`` or ``"evict"``) and pinned tokens.
+        cuda_graphs: replay each one-token decode step as a CUDA graph (:mod:`.cuda_graph`);
+            default: on when the model is on a CUDA device. The graph and its cache are kept
+            between calls of the same batch size (capacity rounded up to 256 slots when not
+            given) until :meth:`release_graphs`. ``True`` on the CPU runs the same static step
+            eagerly (what the CPU tests check).
     """
 
     def __init__(self, model, tokenizer, retriever=None, *, mode: str = "append", stride: int = 16,
                  query_tokens: int = 32, passage_tokens: int = 128, k: int = 1,
                  use_markers: Optional[bool] = None, capacity: Optional[int] = None,
-                 overflow: str = "error", sink: int = 0) -> None:
+                 overflow: str = "error", sink: int = 0,
+                 cuda_graphs: Optional[bool] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("stride", stride), ("query_tokens", query_tokens),
@@ -123,6 +131,29 @@ class RALMGenerator:
         self.device, self.dtype = param.device, param.dtype
         self.eos_ids = self._eos_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self._decoder: Optional[DecodeGraph] = None
+
+    def release_graphs(self) -> None:
+        """Drop the kept decode graph and its cache (frees their GPU memory)."""
+        self._decoder = None
+
+    def _cache_for(self, batch: int, capacity: int) -> tuple[FlashBackCache, Optional[DecodeGraph]]:
+        """A fresh cache, or with CUDA graphs the kept one (reset) when it fits this run."""
+        if not self.cuda_graphs:
+            return FlashBackCache.for_model(self.model, batch, capacity, overflow=self.overflow,
+                                            sink=self.sink), None
+        dec = self._decoder
+        if dec is None or dec.batch != batch or dec.cache.ring.capacity < capacity or \
+                (self.capacity is not None and dec.cache.ring.capacity != capacity):
+            self._decoder = None  # free the old graph and cache before allocating the new ones
+            slots = capacity if self.capacity is not None else -(-capacity // 256) * 256
+            cache = FlashBackCache.for_model(self.model, batch, slots, overflow=self.overflow,
+                                             sink=self.sink)
+            dec = self._decoder = DecodeGraph(self._body, self._head, cache, self._cache_kw,
+                                              self.pad_id)
+        dec.cache.reset()
+        return dec.cache, dec
 
     # ------------------------------------------------------------------------------ helpers
     def _eos_ids(self) -> set[int]:
@@ -279,8 +310,7 @@ class RALMGenerator:
         start_all = time.perf_counter()
         batch = len(tokens)
         prompt_lens = [len(t) for t in tokens]
-        cache = FlashBackCache.for_model(self.model, batch, self._capacity(tokens, max_new),
-                                         overflow=self.overflow, sink=self.sink)
+        cache, decoder = self._cache_for(batch, self._capacity(tokens, max_new))
         timing = Timing()
         logs: list[list[RetrievalRecord]] = [[] for _ in range(batch)]
         traces: list[list] = [[] for _ in range(batch)]
@@ -297,7 +327,15 @@ class RALMGenerator:
                 cache.reset()
             for b, block in enumerate(blocks):
                 views[b] = ([] if reset else views[b]) + block
-            logits = self._forward(cache, blocks)
+            counts = [len(block) for block in blocks]
+            if kind == "decode" and decoder is not None and decoder.fits(counts):
+                out = decoder.step([block[0] if block else None for block in blocks])
+                logits = [out[b] if counts[b] else None for b in range(batch)]
+                timing.graph_steps += 1
+            else:
+                logits = self._forward(cache, blocks)
+            if self.device.type == "cuda":  # the sampler waits for the logits anyway: time them
+                torch.cuda.synchronize(self.device)
             setattr(timing, f"{kind}_s", getattr(timing, f"{kind}_s") + time.perf_counter() - t0)
             return logits
 

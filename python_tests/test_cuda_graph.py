@@ -1,0 +1,138 @@
+"""The static decode step behind CUDA graphs (flashback_ext.cuda_graph): on the CPU it runs
+eagerly and must reproduce the eager engine token for token and logit for logit; on a GPU the
+captured graph's replays must do the same."""
+import pytest
+import torch
+
+from flashback_ext.cache import RingKVCache
+from flashback_ext.cuda_graph import DecodeGraph
+from flashback_ext.hf import FlashBackCache
+from flashback_ext.models import tiny_llama
+from flashback_ext.ralm import RALMGenerator
+from toys import ByteTokenizer, ListRetriever
+
+TEXTS = ["alpha beta gamma delta " * 4, "the quick brown fox jumps over the lazy dog",
+         "python lists are mutable sequences", "a b c d e f g h i j k l m n o p"]
+PROMPTS = ["hello world, this is a longer prompt", "hi", "medium prompt"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(vocab_size=260, layers=2)
+
+
+def _run(model, graphs, mode="append", device="cpu", eos=None, **kwargs):
+    tok = ByteTokenizer(markers=True)
+    gen = RALMGenerator(model, tok, ListRetriever(TEXTS, tok), mode=mode, stride=5,
+                        query_tokens=8, passage_tokens=24, cuda_graphs=graphs, **kwargs)
+    if eos is not None:
+        gen.eos_ids = eos
+    return gen, gen.generate(PROMPTS, max_new_tokens=17, trace=True, stop_on_eos=eos is not None)
+
+
+def _assert_same(eager, static, tol):
+    for a, b in zip(eager, static):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        assert len(a.trace) == len(b.trace)
+        for (seq_a, log_a), (seq_b, log_b) in zip(a.trace, b.trace):
+            assert seq_a == seq_b
+            assert (log_a - log_b).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("mode", ["append", "prepend", "none"])
+def test_static_step_matches_eager_engine(tiny, mode):
+    _, eager = _run(tiny, False, mode)
+    gen, static = _run(tiny, True, mode)
+    _assert_same(eager, static, 1e-6)
+    timing = static[0].timing
+    assert timing.decode_steps > 0 and timing.graph_steps == timing.decode_steps
+
+
+def test_finished_sequences_stay_put(tiny):
+    _, free = _run(tiny, False)
+    eos = {free[1].token_ids[2]}  # sequence 1 stops early; the others keep decoding
+    _, eager = _run(tiny, False, eos=eos)
+    gen, static = _run(tiny, True, eos=eos)
+    assert static[1].finish_reason == "eos"
+    _assert_same(eager, static, 1e-6)
+
+
+def test_evicting_cache_falls_back_to_eager_steps(tiny):
+    kwargs = dict(capacity=75, overflow="evict", sink=4)
+    _, eager = _run(tiny, False, **kwargs)
+    gen, static = _run(tiny, True, **kwargs)
+    _assert_same(eager, static, 1e-6)
+    timing = static[0].timing
+    assert 0 < timing.graph_steps < timing.decode_steps  # full cache: eager steps evict
+
+
+def test_kept_cache_is_reused_and_regrown(tiny):
+    gen, _ = _run(tiny, True)
+    first = gen._decoder
+    assert first.cache.ring.capacity % 256 == 0
+    gen.generate(["x", "y", "z"], max_new_tokens=3)
+    assert gen._decoder is first  # same batch, fits: same cache and graph
+    gen.generate(["q" * 400] * 3, max_new_tokens=3)
+    assert gen._decoder is not first and gen._decoder.cache.ring.capacity >= 400
+    gen.generate(["q"], max_new_tokens=3)
+    assert gen._decoder.batch == 1
+    gen.release_graphs()
+    assert gen._decoder is None
+
+
+def test_decode_graph_bad_steps(tiny):
+    cache = FlashBackCache.for_model(tiny, 2, 4)
+    dec = DecodeGraph(tiny.model, tiny.lm_head, cache, "cache")
+    with pytest.raises(ValueError, match="needs 2 tokens"):
+        dec.step([1])
+    cache.ring.truncate(0)
+    for _ in range(4):
+        dec.step([1, None])
+    assert cache.lengths() == [4, 0]
+    with pytest.raises(ValueError, match="no room"):
+        dec.step([1, 2])
+    assert cache.lengths() == [4, 0]  # nothing moved
+
+
+def test_append_on_device_equals_append():
+    torch.manual_seed(0)
+    a = RingKVCache(2, 3, 2, 8, 12, sink=2)
+    b = RingKVCache(2, 3, 2, 8, 12, sink=2)
+    for layer in range(2):
+        k, v = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8)
+        a.append(layer, k, v)
+        b.append(layer, k, v)
+    torch.manual_seed(1)
+    counts = [1, 0, 1]
+    for layer in range(2):
+        k, v = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8)
+        a.append(layer, k, v, counts)
+        b.append_on_device(layer, k, v, torch.tensor(counts, dtype=torch.int32))
+    assert b.lengths(0) == [5, 5, 5]  # host untouched until advance_host
+    b.advance_host(counts)
+    assert a.lengths(1) == b.lengths(1) == [6, 5, 6]
+    assert torch.equal(a.kv_lens, b.kv_lens)
+    for layer in range(2):
+        for x, y in zip(a.layer_state(layer)[:2], b.layer_state(layer)[:2]):
+            live = [x[i, :, :n] for i, n in enumerate(a.lengths(layer))]
+            assert all(torch.equal(p, y[i, :, :p.shape[1]]) for i, p in enumerate(live))
+    with pytest.raises(Exception, match="exceed the capacity"):
+        b.advance_host([7, 0, 0])
+    assert b.lengths(0) == [6, 5, 6]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["append", "prepend"])
+def test_cuda_graph_replay_matches_eager(mode):
+    from flashback_ext import has_cuda_ops
+    if not has_cuda_ops():
+        pytest.skip("CUDA ops not built")
+    model = tiny_llama(vocab_size=260, layers=2).cuda()
+    _, eager = _run(model, False, mode)
+    gen, graph = _run(model, True, mode)
+    assert gen._decoder.captured and gen._decoder.replays == graph[0].timing.graph_steps > 0
+    _assert_same(eager, graph, 1e-5)
+    # a second call replays the same graph on the reset cache
+    _, again = _run(model, False, mode)
+    second = gen.generate(PROMPTS, max_new_tokens=17, trace=True, stop_on_eos=False)
+    _assert_same(again, second, 1e-5)
