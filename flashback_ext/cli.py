@@ -373,10 +373,22 @@ def cmd_eval(args) -> int:
             raise CliError(f"--adapter takes NAME=DIR with NAME in prepend, append, "
                            f"append_markers; got {item!r}")
         adapters[name] = path
+    known = [s.name for s in PAPER_ROWS]
+    wanted = known if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in known]
+    if unknown or not wanted:
+        raise CliError(f"--rows takes names from {', '.join(known)}; got {args.rows!r}")
+    missing = [s.name for s in PAPER_ROWS if s.name in wanted and s.adapter is not None
+               and s.adapter not in adapters and args.rows is not None]
+    if missing:
+        raise CliError(f"row(s) {', '.join(missing)} need --adapter "
+                       f"{', '.join(s.adapter + '=DIR' for s in PAPER_ROWS if s.name in missing)}")
     model, tokenizer = _load(args)
     spec, _, evals = _examples(args, tokenizer)
     rows = []
     for setting in PAPER_ROWS:
+        if setting.name not in wanted:
+            continue
         if setting.adapter is not None and setting.adapter not in adapters:
             continue
         if setting.adapter is None:
@@ -469,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", action="append",
                     help="NAME=DIR with NAME in prepend, append, append_markers (repeatable)")
     ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--rows", default=None,
+                    help="comma-separated row names to score (default: every row the given "
+                         "adapters allow), e.g. 'P.+LoRA,A.+LoRA+M.T.'")
     ev.add_argument("--json", default=None, help="also write the rows here")
     ev.set_defaults(func=cmd_eval)
 

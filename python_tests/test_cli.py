@@ -115,6 +115,15 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     assert "| A.+LoRA+M.T. | append | append_markers | yes |" in text
     rows = __import__("json").loads(table.read_text())["rows"]
     assert [r["name"] for r in rows] == ["N.", "P.", "A.", "A.+LoRA+M.T."]
+    capsys.readouterr()
+    assert main(["eval", *common, "--adapter", f"append_markers={out}", "--rows", "A.+LoRA+M.T.,N.",
+                 "--json", str(table)]) == 0
+    rows = __import__("json").loads(table.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["N.", "A.+LoRA+M.T."]
+    assert main(["eval", *common, "--rows", "Q."]) == 2
+    assert "--rows takes names from" in capsys.readouterr().err
+    assert main(["eval", *common, "--rows", "P.+LoRA"]) == 2
+    assert "need --adapter prepend=DIR" in capsys.readouterr().err
     assert main(["eval", *common, "--adapter", "bogus"]) == 2
     assert main(["eval", *common, "--adapter", f"append={tmp_path / 'none'}"]) == 2
     capsys.readouterr()
