@@ -8,7 +8,10 @@ max(bytes / copy bandwidth, FLOPs / matmul rate) with BOTH ceilings measured in 
 the same device, the fraction of that roofline reached, and the ratio to the best peer.
 Peers get the exact same problem: K/V as the contiguous [B, Hkv, L, D] live prefix and a
 bottom-right causal mask (SDPA's own ``is_causal`` is top-left, which is wrong for an appended
-block). Results go to ``bench/results/kernels_<device>.json`` (and a PNG if matplotlib exists).
+block). On CUDA the peers also include compiled FlexAttention and, where they import,
+FlashAttention's ``flash_attn_with_kvcache`` and FlashInfer (bench/peers.py); a peer that is not
+installed or refuses a shape is listed with its reason under ``peers_skipped``.
+Results go to ``bench/results/kernels_<device>.json`` (and a PNG if matplotlib exists).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flashback_ext  # noqa: E402
 from flashback_ext import ops  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import PEER_NAMES, attention_peers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -146,12 +151,17 @@ def bench_attention(device, dtype, b, hq, hkv, sq, length, d, ceilings, copies=1
             contenders[name] = call
         except RuntimeError as exc:  # the backend refuses this problem (mask, GQA, dtype...)
             print(f"  [{name} skipped: {str(exc).splitlines()[0][:90]}]")
+    others, skipped = attention_peers(device, qs, ks, vs, sq, length)
+    contenders.update(others)
+    for name, why in skipped.items():
+        if why != "CUDA only":
+            print(f"  [{name} skipped: {why}]")
     if device == "cuda":
         times = {name: time_cuda(lambda i, f=f: f(i % copies)) for name, f in contenders.items()}
     else:
         times = time_cpu({name: (lambda f=f: f(0)) for name, f in contenders.items()})
     ours = times.pop("ours")
-    peers = {name: times.get(name) for name in sdpa_peers(device)}
+    peers = {name: times.get(name) for name in [*sdpa_peers(device), *PEER_NAMES]}
     # correctness guard: a benchmark of a wrong kernel is worthless
     got, _ = ops.append_attention(qs[0], ks[0], vs[0], lens)
     ref = run_sdpa(None, qs[0].float(), ks[0].float(), vs[0].float(), mask).transpose(1, 2)
@@ -159,7 +169,8 @@ def bench_attention(device, dtype, b, hq, hkv, sq, length, d, ceilings, copies=1
     nbytes, flops = attention_cost(b, hq, hkv, sq, length, d, elem)
     return finish_case("append_attention", dict(b=b, hq=hq, hkv=hkv, sq=sq, L=length, d=d,
                                                 dtype=str(dtype).replace("torch.", "")),
-                       ours, peers, nbytes, flops, ceilings, max_err=max_err)
+                       ours, peers, nbytes, flops, ceilings, max_err=max_err,
+                       peers_skipped=skipped)
 
 
 def bench_kv_append(device, dtype, b, hkv, n, d, capacity, ceilings) -> dict:

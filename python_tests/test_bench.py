@@ -1,8 +1,12 @@
-"""Smoke test of the end-to-end benchmark harness on a tiny model (numbers are not checked)."""
+"""Benchmark harnesses: the end-to-end run on a tiny model (numbers not checked) and one kernel
+case (its cost model, peers and correctness guard)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,3 +21,19 @@ def test_ralm_e2e_harness_runs(tmp_path):
     assert rows[0]["context"] == 48
     for mode in ("engine-append", "engine-prepend", "hf-append", "hf-prepend", "engine-none"):
         assert rows[0][mode] > 0
+
+
+def test_kernel_case_reports_peers_and_checks_itself():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import kernels
+
+    ceilings = {"copy_GBps": 10.0, "matmul_TFLOPs": 0.1}
+    case = kernels.bench_attention("cpu", torch.float32, 2, 6, 2, 5, 77, 64, ceilings)
+    assert case["max_err"] < 1e-4  # the guard compares ours with fp32 SDPA on the same problem
+    assert case["ours_ms"] > 0 and case["peers_ms"]["sdpa"] > 0
+    assert set(case["peers_skipped"]) == {"flex_compiled", "flash_attn", "flashinfer"}
+    assert case["speedup_vs_best_peer"] == pytest.approx(case["peers_ms"]["sdpa"] / case["ours_ms"])
+    nbytes, flops = kernels.attention_cost(2, 6, 2, 5, 77, 64, 4)
+    assert (case["bytes"], case["flops"]) == (nbytes, flops)
+    # bottom-right causal: 5 rows over 77 keys see 73..77 keys
+    assert flops == 4 * 2 * 6 * (73 + 74 + 75 + 76 + 77) * 64
