@@ -13,13 +13,41 @@ check the step's semantics, and the GPU test then checks replay against it.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Optional, Sequence
 
 import torch
 
+from . import ops
 from .hf import FlashBackCache
 
-__all__ = ["DecodeGraph"]
+__all__ = ["DecodeGraph", "capture_blocker"]
+
+logger = logging.getLogger(__name__)
+
+
+def capture_blocker(body, cache: FlashBackCache) -> Optional[str]:
+    """Why the decode step of this model/cache cannot be captured, or None when it can.
+
+    Capture needs every op of the step to stay on the device: the compiled kernels (the
+    reference fallback reads lengths on the host), a RoPE without host-side length checks, and
+    no unmerged peft trainable-token layer (it copies its index list to the GPU every call).
+    """
+    config = getattr(body, "config", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if "dynamic" in str(rope_type) or rope_type == "longrope":
+        return f"RoPE type {rope_type!r} checks lengths on the host every step"
+    if any(type(m).__name__ == "TrainableTokensLayer" for m in body.modules()):
+        return "an unmerged peft adapter with trainable tokens (load it with merge=True)"
+    ring = cache.ring
+    if ring.device.type != "cuda":
+        return "not a CUDA device"
+    if not ops.compiled_for(ring.device, ring.dtype, ring.head_dim):
+        return (f"no compiled CUDA kernels for {ring.dtype} with head dim {ring.head_dim} "
+                f"(the reference fallback cannot be captured)")
+    return None
 
 
 class DecodeGraph:
@@ -41,7 +69,10 @@ class DecodeGraph:
         self.pad_id = int(pad_id)
         ring = cache.ring
         self.batch, self.device = ring.batch_size, ring.device
-        self.capture = capture and self.device.type == "cuda"
+        self.blocker = capture_blocker(body, cache) if capture else "capture=False"
+        self.capture = self.blocker is None
+        if capture and self.blocker and self.device.type == "cuda":
+            logger.warning("flashback_ext: decode runs without a CUDA graph: %s", self.blocker)
         self.warmup = warmup
         # rows: token ids, positions, counts (int64 so that one copy fills all three)
         self._inputs = torch.zeros(3, self.batch, dtype=torch.long, device=self.device)
@@ -57,10 +88,10 @@ class DecodeGraph:
         return self._graph is not None
 
     def fits(self, counts: Sequence[int]) -> bool:
-        """Whether every sequence has room for its count (else the caller steps eagerly, which
-        may evict)."""
+        """Whether every sequence has room for this step (else the caller steps eagerly, which
+        may evict). Finished sequences need a free slot too: every row writes one."""
         ring = self.cache.ring
-        return all(n + c <= ring.capacity for n, c in zip(ring.lengths(0), counts))
+        return all(n + max(c, 1) <= ring.capacity for n, c in zip(ring.lengths(0), counts))
 
     def _static_step(self) -> torch.Tensor:
         ids = self._inputs[0].view(self.batch, 1)
@@ -76,7 +107,17 @@ class DecodeGraph:
 
     def _record(self) -> None:
         """Warm up on a side stream, then capture; device lengths are restored from the host
-        afterwards (warm-up steps only wrote slots past every sequence's end)."""
+        afterwards (warm-up steps only wrote slots past every sequence's end). A failed capture
+        turns capture off for good (the step then runs eagerly) and re-raises nothing."""
+        try:
+            self._warm_up_and_capture()
+        except Exception as exc:  # noqa: BLE001 - fall back to the eager static step
+            self.capture, self.blocker, self._graph = False, f"capture failed: {exc}", None
+            logger.warning("flashback_ext: CUDA graph capture failed, decoding eagerly: %s", exc)
+        finally:
+            self.cache.ring.sync_device()
+
+    def _warm_up_and_capture(self) -> None:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -87,7 +128,6 @@ class DecodeGraph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._logits = self._static_step()
-        self.cache.ring.sync_device()
         self._graph = graph
 
     @torch.no_grad()
@@ -103,6 +143,11 @@ class DecodeGraph:
         if not self.fits(counts):
             raise ValueError(f"no room for a decode step: lengths {self.cache.lengths()}, capacity "
                              f"{self.cache.ring.capacity}")
+        on_device = torch.cuda.device(self.device) if self._copied is not None else contextlib.nullcontext()
+        with on_device:  # events, streams and the graph belong to the cache's GPU
+            return self._step(tokens, counts)
+
+    def _step(self, tokens: Sequence[Optional[int]], counts: list[int]) -> torch.Tensor:
         ring = self.cache.ring
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's async copy has read the staging rows
@@ -119,6 +164,10 @@ class DecodeGraph:
             self.replays += 1
             logits = self._logits
         else:
-            logits = self._static_step()
+            try:
+                logits = self._static_step()
+            except BaseException:
+                ring.sync_device()  # layers that ran advanced their device lengths: undo
+                raise
         ring.advance_host(counts)
         return logits

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from . import reference
 
-__all__ = ["append_attention", "kv_append", "has_cuda_ops", "has_cpu_ops"]
+__all__ = ["append_attention", "kv_append", "has_cuda_ops", "has_cpu_ops", "compiled_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,19 @@ def has_cpu_ops() -> bool:
 def has_cuda_ops() -> bool:
     """True when the compiled extension holds the CUDA kernels (whether or not a GPU is present)."""
     return _has_kernel("append_attention", "CUDA") and _has_kernel("kv_append", "CUDA")
+
+
+def compiled_for(device: Union[str, torch.device], dtype: torch.dtype, head_dim: int) -> bool:
+    """True when BOTH ops run compiled kernels for this device type, dtype and head dim (no
+    fallback to the reference, which reads lengths on the host and cannot be graph-captured)."""
+    kind = torch.device(device).type
+    for op in ("append_attention", "kv_append"):
+        supported = _SUPPORTED.get((op, kind))
+        if not supported or not _has_kernel(op, kind.upper()):
+            return False
+        if dtype not in supported[0] or (supported[1] is not None and head_dim not in supported[1]):
+            return False
+    return True
 
 
 def _use_compiled(device: torch.device, dtype: torch.dtype, head_dim: int, op: str) -> bool:

@@ -94,6 +94,28 @@ def test_decode_graph_bad_steps(tiny):
     assert cache.lengths() == [4, 0]  # nothing moved
 
 
+def test_capture_blockers_are_named(tiny):
+    from flashback_ext.cuda_graph import capture_blocker
+    cache = FlashBackCache.for_model(tiny, 1, 8)
+    assert capture_blocker(tiny.model, cache) == "not a CUDA device"
+    dec = DecodeGraph(tiny.model, tiny.lm_head, cache, "cache")
+    assert not dec.capture and dec.blocker == "not a CUDA device"
+    dynamic = tiny_llama(vocab_size=260, layers=1)
+    dynamic.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    assert "checks lengths on the host" in capture_blocker(dynamic.model, cache)
+
+
+def test_finished_sequence_needs_a_free_slot(tiny):
+    cache = FlashBackCache.for_model(tiny, 2, 3)
+    dec = DecodeGraph(tiny.model, tiny.lm_head, cache, "cache")
+    for _ in range(3):
+        dec.step([1, 2])
+    cache.ring.truncate([2, 3])
+    assert not dec.fits([1, 0])  # the finished row still writes a slot: none is free
+    cache.ring.truncate([2, 2])
+    assert dec.fits([1, 0])
+
+
 def test_append_on_device_equals_append():
     torch.manual_seed(0)
     a = RingKVCache(2, 3, 2, 8, 12, sink=2)
@@ -121,18 +143,35 @@ def test_append_on_device_equals_append():
     assert b.lengths(0) == [6, 5, 6]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("mode", ["append", "prepend"])
-def test_cuda_graph_replay_matches_eager(mode):
+@pytest.fixture(scope="module")
+def gpu_model():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     from flashback_ext import has_cuda_ops
     if not has_cuda_ops():
         pytest.skip("CUDA ops not built")
-    model = tiny_llama(vocab_size=260, layers=2).cuda()
-    _, eager = _run(model, False, mode)
-    gen, graph = _run(model, True, mode)
-    assert gen._decoder.captured and gen._decoder.replays == graph[0].timing.graph_steps > 0
-    _assert_same(eager, graph, 1e-5)
-    # a second call replays the same graph on the reset cache
-    _, again = _run(model, False, mode)
-    second = gen.generate(PROMPTS, max_new_tokens=17, trace=True, stop_on_eos=False)
-    _assert_same(again, second, 1e-5)
+    # bf16 and head dim 64: what the compiled kernels take (the reference cannot be captured)
+    return tiny_llama(vocab_size=260, hidden=256, heads=4, kv_heads=2, layers=2).to(
+        "cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", ["append", "prepend", "eos", "evict"])
+def test_cuda_graph_replay_matches_eager(gpu_model, case):
+    mode = "prepend" if case == "prepend" else "append"
+    kwargs = {"capacity": 75, "overflow": "evict", "sink": 4} if case == "evict" else {}
+    eos = None
+    if case == "eos":
+        _, free = _run(gpu_model, False, mode)
+        eos = {free[1].token_ids[2]}
+    eager_gen, eager = _run(gpu_model, False, mode, eos=eos, **kwargs)
+    gen, graph = _run(gpu_model, True, mode, eos=eos, **kwargs)
+    dec = gen._decoder
+    assert dec.blocker is None and dec.captured, dec.blocker
+    assert dec.replays == graph[0].timing.graph_steps > 0
+    # same kernels on the same inputs: replay should be bit-identical to the eager engine
+    _assert_same(eager, graph, 1e-3)
+    # a second call replays the same graph on the reset cache (the retriever rotates on, alike)
+    again = [g.generate(PROMPTS, max_new_tokens=17, trace=True, stop_on_eos=eos is not None)
+             for g in (eager_gen, gen)]
+    assert gen._decoder is dec
+    _assert_same(*again, 1e-3)
