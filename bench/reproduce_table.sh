@@ -10,7 +10,7 @@ mkdir -p "$RUN"
 FB=".venv/bin/flashback"
 COMMON=(--corpus python-docs --budget 256 --passage-tokens 64 --stride 16 --query-tokens 32
         --eval-fraction 0.1 --max-train-examples 1200 --max-eval-examples 200 --seed 0)
-STEPS="${STEPS:-400}"
+STEPS="${STEPS:-350}"
 TRAIN=(--steps "$STEPS" --batch-size 4 --lr "${LR:-1e-3}" --marker-lr "${MARKER_LR:-3e-2}"
        --lora-r 16 --lora-alpha 32 --save-steps "$((STEPS / 2))")
 # the two adapters the goal compares come first
