@@ -209,7 +209,7 @@ def cmd_demo(args) -> int:
               "appended passages poorly (the paper's 'A.' row); prepend is the quality reference")
     elif args.adapter == "auto":
         print("  note: the shipped adapter is a short CPU run (docs/RESULTS.md: held-out append "
-              "perplexity 20.9 vs 64.8 untrained, prepend+LoRA 11.7); prepend is the quality "
+              "perplexity 19.4 vs 64.8 untrained, prepend+LoRA 11.7); prepend is the quality "
               "reference until a longer run replaces it")
     if args.long_context > 0:
         _demo_long_context(args, engines, retriever)
