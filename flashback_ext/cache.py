@@ -181,6 +181,15 @@ class RingKVCache:
         ops.kv_append(k_new, v_new, k, v, lens, offs, self.sink)
         lens.add_(counts)
 
+    def append_and_attend_on_device(self, layer: int, q: torch.Tensor, k_new: torch.Tensor,
+                                    v_new: torch.Tensor, counts: torch.Tensor,
+                                    scale: Optional[float] = None) -> torch.Tensor:
+        """:meth:`append_on_device`, then the attention output ``[B, Sq, Hq, D]`` of ``q`` with
+        ``counts`` valid rows per sequence over the device lengths (no host state either)."""
+        self.append_on_device(layer, k_new, v_new, counts)
+        k, v, lens, offs = self.layer_state(layer)
+        return ops.append_attention(q, k, v, lens, offs, self.sink, scale, counts)[0]
+
     def advance_host(self, counts: Sequence[int]) -> None:
         """Advance the host lengths of every layer by ``counts`` after device-side appends."""
         counts = self._per_seq(list(counts), "counts")
@@ -242,8 +251,7 @@ class RingKVCache:
 
     def _set_lengths(self, new_lens: list[list[int]]) -> None:
         self._len = new_lens
-        for layer in range(self.num_layers):
-            self._sync(layer)
+        self.sync_device()
 
     def _sync(self, layer: int) -> None:
         """Mirror one layer's host lengths/offsets into its device rows."""

@@ -151,9 +151,9 @@ class DecodeGraph:
         ring = self.cache.ring
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's async copy has read the staging rows
-        self._staging[0] = torch.tensor([self.pad_id if t is None else int(t) for t in tokens])
-        self._staging[1] = torch.tensor([ring.next_position(b) for b in range(self.batch)])
-        self._staging[2] = torch.tensor(counts)
+        self._staging.copy_(torch.tensor([[self.pad_id if t is None else int(t) for t in tokens],
+                                          [ring.next_position(b) for b in range(self.batch)],
+                                          counts]))
         self._inputs.copy_(self._staging, non_blocking=True)
         if self._copied is not None:
             self._copied.record()

@@ -21,7 +21,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import ops
 from .cache import RingKVCache
 
 __all__ = ["FlashBackCache", "patch_model", "unpatch_model", "is_patched", "SUPPORTED_ATTENTION",
@@ -70,10 +69,7 @@ class FlashBackCache:
                           scale: float) -> torch.Tensor:
         """Append this layer's new K/V and return attention output ``[B, Sq, Hq, D]``."""
         if self.step_counts is not None:
-            self.ring.append_on_device(layer_idx, k, v, self.step_counts)
-            kc, vc, lens, offs = self.ring.layer_state(layer_idx)
-            return ops.append_attention(q, kc, vc, lens, offs, self.ring.sink, scale,
-                                        self.step_counts)[0]
+            return self.ring.append_and_attend_on_device(layer_idx, q, k, v, self.step_counts, scale)
         self.ring.append(layer_idx, k, v, self.new_tokens)
         out, _ = self.ring.attend(layer_idx, q, scale, q_lens=self.new_tokens)
         return out

@@ -57,24 +57,25 @@ def has_cuda_ops() -> bool:
     return _has_kernel("append_attention", "CUDA") and _has_kernel("kv_append", "CUDA")
 
 
+def _kernel_covers(op: str, kind: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a compiled kernel of ``op`` exists for this device type, dtype and head dim."""
+    supported = _SUPPORTED.get((op, kind))
+    if not supported or not _has_kernel(op, kind.upper()):
+        return False
+    dtypes, head_dims = supported
+    return dtype in dtypes and (head_dims is None or head_dim in head_dims)
+
+
 def compiled_for(device: Union[str, torch.device], dtype: torch.dtype, head_dim: int) -> bool:
     """True when BOTH ops run compiled kernels for this device type, dtype and head dim (no
     fallback to the reference, which reads lengths on the host and cannot be graph-captured)."""
     kind = torch.device(device).type
-    for op in ("append_attention", "kv_append"):
-        supported = _SUPPORTED.get((op, kind))
-        if not supported or not _has_kernel(op, kind.upper()):
-            return False
-        if dtype not in supported[0] or (supported[1] is not None and head_dim not in supported[1]):
-            return False
-    return True
+    return all(_kernel_covers(op, kind, dtype, head_dim) for op in ("append_attention", "kv_append"))
 
 
 def _use_compiled(device: torch.device, dtype: torch.dtype, head_dim: int, op: str) -> bool:
     kind = device.type
-    supported = _SUPPORTED.get((op, kind))
-    compiled = _has_kernel(op, kind.upper()) if supported else False
-    if compiled and dtype in supported[0] and (supported[1] is None or head_dim in supported[1]):
+    if _kernel_covers(op, kind, dtype, head_dim):
         return True
     key = (op, kind, dtype)
     if key not in _warned:
