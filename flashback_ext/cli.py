@@ -341,7 +341,7 @@ def cmd_train(args) -> int:
     """Train a FlashBack LoRA adapter (plus marker rows) on examples from the corpus."""
     from dataclasses import asdict
 
-    from .train import TrainSettings, train_adapter
+    from .train import AdapterError, TrainSettings, train_adapter
 
     model, tokenizer = _load(args)
     spec, train, _ = _examples(args, tokenizer)
@@ -353,8 +353,12 @@ def cmd_train(args) -> int:
                              lora_r=args.lora_r,
                              lora_alpha=args.lora_alpha, seed=args.seed,
                              save_steps=args.save_steps)
-    out = train_adapter(model, tokenizer, train, args.out, settings=settings, resume=args.resume,
-                        extra_info={"examples_spec": asdict(spec), "model": str(args.model)})
+    try:
+        out = train_adapter(model, tokenizer, train, args.out, settings=settings,
+                            resume=args.resume, init_adapter=args.init_adapter,
+                            extra_info={"examples_spec": asdict(spec), "model": str(args.model)})
+    except AdapterError as exc:
+        raise CliError(str(exc)) from None
     print(f"adapter saved to {out}")
     return 0
 
@@ -474,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-steps", type=int, default=100)
     train.add_argument("--out", required=True, help="adapter output folder")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--init-adapter", default=None,
+                       help="warm start: begin from this adapter's LoRA weights and marker rows "
+                            "(same layout and markers; its LoRA shape is kept)")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="perplexity table: N., P., A. and the adapters' rows")

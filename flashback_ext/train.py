@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -123,14 +123,32 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def _warm_start(model, init_adapter, settings: TrainSettings):
+    """``(trainable peft model, tokenizer, settings)`` from a saved adapter: its LoRA shape
+    replaces the settings' (the run file must tell the truth); layout and markers must match."""
+    peft_model, tokenizer = load_adapter(model, init_adapter, trainable=True)
+    info = json.loads((Path(init_adapter).expanduser() / RUN_FILE).read_text())["settings"]
+    if (info["layout"], bool(info["markers"])) != (settings.layout, settings.markers):
+        raise AdapterError(f"adapter {init_adapter} was trained with layout {info['layout']!r}, "
+                           f"markers {bool(info['markers'])}; this run uses {settings.layout!r}, "
+                           f"markers {settings.markers}")
+    config = peft_model.peft_config["default"]
+    settings = replace(settings, lora_r=config.r, lora_alpha=config.lora_alpha,
+                       lora_dropout=config.lora_dropout,
+                       target_modules=sorted(config.target_modules))
+    return peft_model, tokenizer, settings
+
+
 def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_dir, *,
                   settings: Optional[TrainSettings] = None, resume: bool = False,
-                  extra_info: Optional[dict] = None) -> Path:
+                  init_adapter=None, extra_info: Optional[dict] = None) -> Path:
     """Train a LoRA adapter (plus marker rows) and save it to ``output_dir``.
 
     Saves the adapter (``save_pretrained``), the tokenizer (with markers), and ``flashback_run.json``
     (settings, base model signature, wall time). ``resume=True`` continues from the newest
-    checkpoint in ``output_dir``. Returns the output folder.
+    checkpoint in ``output_dir``. ``init_adapter`` warm-starts from a saved adapter's LoRA weights
+    and marker rows (a new run with its own schedule and examples; its tokenizer replaces
+    ``tokenizer``). Returns the output folder.
     """
     from transformers import TrainingArguments
 
@@ -141,7 +159,10 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
         raise ValueError("no training examples")
     out = Path(output_dir)
     signature = _base_signature(model)
-    peft_model = _lora_model(model, tokenizer, settings)
+    if init_adapter is not None:
+        peft_model, tokenizer, settings = _warm_start(model, init_adapter, settings)
+    else:
+        peft_model = _lora_model(model, tokenizer, settings)
     markers = marker_ids(tokenizer) if settings.markers else None
     cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
     args = TrainingArguments(
@@ -169,18 +190,20 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
         peft_model.save_pretrained(out, save_embedding_layers=False)
         tokenizer.save_pretrained(out)
         info = {"settings": asdict(settings), "base": signature, "examples": len(train_examples),
+                "init_adapter": str(init_adapter) if init_adapter is not None else None,
                 "wall_s": wall, "train_loss": result.training_loss,
                 "vocab_size": len(tokenizer), **(extra_info or {})}
         (out / RUN_FILE).write_text(json.dumps(info, indent=1))
     return out
 
 
-def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False):
+def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False, trainable: bool = False):
     """Load a FlashBack adapter onto ``model``; returns ``(peft_model, tokenizer)``.
 
     The adapter folder's tokenizer (which has the markers) replaces ``tokenizer``; the model's
     embeddings grow to match. ``merge=True`` folds the LoRA weights and marker rows into the
-    base weights (a plain model again: faster inference, no peft wrapper). Raises
+    base weights (a plain model again: faster inference, no peft wrapper); ``trainable=True``
+    returns it in train mode with the LoRA weights and marker rows trainable. Raises
     :class:`AdapterError` for a missing folder or an adapter trained on a different base model.
     """
     from peft import PeftModel
@@ -205,7 +228,11 @@ def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if info["settings"].get("markers"):
         add_marking_tokens(model, tokenizer)
-    peft_model = PeftModel.from_pretrained(model, folder)
+    if merge and trainable:
+        raise ValueError("merge=True folds the adapter away; it cannot also stay trainable")
+    peft_model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+    if trainable:
+        return peft_model, tokenizer
     if merge:
         return peft_model.merge_and_unload().eval(), tokenizer
     return peft_model.eval(), tokenizer

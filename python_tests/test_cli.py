@@ -108,6 +108,16 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "adapter"
     assert main(["train", *common, "--steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
     assert (out / "flashback_run.json").exists() and (out / "adapter_config.json").exists()
+    # warm start from it; a prepend run cannot start from an append+markers adapter
+    warm = tmp_path / "warm"
+    assert main(["train", *common, "--steps", "1", "--batch-size", "4", "--out", str(warm),
+                 "--init-adapter", str(out)]) == 0
+    info = __import__("json").loads((warm / "flashback_run.json").read_text())
+    assert info["init_adapter"] == str(out) and info["settings"]["markers"]
+    capsys.readouterr()
+    assert main(["train", *common, "--steps", "1", "--layout", "prepend", "--no-markers",
+                 "--out", str(tmp_path / "p"), "--init-adapter", str(out)]) == 2
+    assert "trained with layout 'append', markers True" in capsys.readouterr().err
     table = tmp_path / "table.json"
     capsys.readouterr()
     assert main(["eval", *common, "--adapter", f"append_markers={out}", "--json", str(table)]) == 0

@@ -217,3 +217,47 @@ def test_adapter_errors(model, tok, setup, tmp_path):
     other = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=3, hidden=32, heads=4, kv_heads=2)
     with pytest.raises(AdapterError, match="trained for another model: num_hidden_layers 2 != 3"):
         load_adapter(other, folder)
+
+
+def test_warm_start_continues_from_a_saved_adapter(model, tok, setup, tmp_path):
+    exs, first = _train(model, tok, setup, tmp_path, steps=2, lora_r=4, lora_alpha=8)
+    fresh_tok = tiny_hf_tokenizer()
+    fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    loaded, _ = load_adapter(fresh, first)
+    start = {n: p.detach().clone() for n, p in loaded.named_parameters()
+             if "lora_" in n or "trainable_tokens_delta" in n}
+    assert start and any(float(v.abs().max()) > 0 for n, v in start.items() if "lora_B" in n)
+    # the second run starts exactly where the first ended: a zero learning rate keeps it there
+    fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    zero = TrainSettings(layout="append", markers=True, steps=1, batch_size=4, lr=0.0,
+                         marker_lr=0.0, save_steps=100)
+    out = train_adapter(fresh, fresh_tok, exs, tmp_path / "second", settings=zero, init_adapter=first)
+    info = json.loads((out / "flashback_run.json").read_text())
+    assert info["init_adapter"] == str(first)
+    assert info["settings"]["lora_r"] == 4 and info["settings"]["lora_alpha"] == 8
+    fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    again, _ = load_adapter(fresh, out)
+    for name, param in again.named_parameters():
+        if name in start:
+            assert torch.equal(param.detach(), start[name]), name
+    # and with a real rate every LoRA matrix and the marker rows are trainable and move
+    fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    moving = TrainSettings(layout="append", markers=True, steps=2, batch_size=4, lr=1e-2,
+                           save_steps=100)
+    out = train_adapter(fresh, fresh_tok, exs, tmp_path / "third", settings=moving, init_adapter=first)
+    fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    moved, _ = load_adapter(fresh, out)
+    params = dict(moved.named_parameters())
+    assert all(not torch.equal(params[n].detach(), v) for n, v in start.items())
+
+
+def test_warm_start_refuses_another_layout(model, tok, setup, tmp_path):
+    exs, first = _train(model, tok, setup, tmp_path, steps=1)
+    fresh_tok = tiny_hf_tokenizer()
+    fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    with pytest.raises(AdapterError, match="trained with layout 'append', markers True"):
+        train_adapter(fresh, fresh_tok, exs, tmp_path / "p",
+                      settings=TrainSettings(layout="prepend", markers=False, steps=1),
+                      init_adapter=first)
+    with pytest.raises(ValueError, match="cannot also stay trainable"):
+        load_adapter(fresh, first, merge=True, trainable=True)
