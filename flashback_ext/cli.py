@@ -367,7 +367,7 @@ def cmd_eval(args) -> int:
     """Perplexity table in the paper's settings for the base model and the given adapters."""
     import json
 
-    from .evaluate import PAPER_ROWS, markdown_table, perplexity
+    from .evaluate import PAPER_ROWS, markdown_table, perplexity, position_table
     from .train import AdapterError, load_adapter
 
     adapters = {}
@@ -416,13 +416,14 @@ def cmd_eval(args) -> int:
                      "markers": setting.markers, **result, "seconds": time.perf_counter() - t0})
         print(f"{setting.name:<14} ppl {result['ppl']:.3f} ({result['tokens']} target tokens)",
               flush=True)
-    table = markdown_table(rows)
-    print("\n" + table)
+    table, places = markdown_table(rows), position_table(rows)
+    print("\n" + table + "\n\nmean NLL by target place (0 = first token after the passage "
+          "in the append rows):\n\n" + places)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows, "examples": len(evals),
                                                "adapters": adapters, "spec": spec.__dict__,
-                                               "table": table}, indent=1))
+                                               "table": table, "position_table": places}, indent=1))
     return 0
 
 

@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 __all__ = ["Example", "LAYOUTS", "split_by_document", "build_examples", "load_or_build_examples",
-           "layout_tokens", "Collator", "python_docs", "DataError", "target_nll"]
+           "layout_tokens", "Collator", "python_docs", "DataError", "target_nll",
+           "target_token_nll"]
 
 logger = logging.getLogger(__name__)
 LAYOUTS = ("none", "prepend", "append")
@@ -205,10 +206,12 @@ class Collator:
         return int((labels != -100).sum(1).max()) + 1
 
 
-def target_nll(logits: torch.Tensor, labels: torch.Tensor,
-               exclude_ids: Iterable[int] = ()) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over labelled positions, with the marker logits left out of the
-    softmax (the model is never asked to predict a marker). Returns ``(sum, count)``."""
+def target_token_nll(logits: torch.Tensor, labels: torch.Tensor,
+                     exclude_ids: Iterable[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL of every labelled position, with the marker logits left out of the softmax
+    (the model is never asked to predict a marker). Returns ``(nll, index)``: one entry per target
+    token in row-major order, ``index`` = the token's place within its row's targets (0 = the
+    first target token)."""
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
     excl = list(exclude_ids)
@@ -216,5 +219,14 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor,
         logits = logits.clone()
         logits[..., excl] = float("-inf")
     keep = targets != -100
-    nll = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
-    return nll, int(keep.sum())
+    index = (keep.cumsum(1) - 1)[keep]
+    nll = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
+    return nll, index
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor,
+               exclude_ids: Iterable[int] = ()) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over labelled positions (markers excluded as in
+    :func:`target_token_nll`). Returns ``(sum, count)``."""
+    nll, _ = target_token_nll(logits, labels, exclude_ids)
+    return nll.sum(), int(nll.numel())

@@ -14,10 +14,11 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Collator, Example, target_nll
+from .data import Collator, Example, target_token_nll
 from .marking import marker_ids
 
-__all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "markdown_table"]
+__all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "markdown_table",
+           "position_table"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
         raise ValueError("markers=True but the tokenizer has no marking tokens")
     collate = Collator(layout, ids if markers else None, tokenizer.pad_token_id or 0)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    # float64 sums per target place: where the loss sits (appending hurts the first tokens most)
+    sums = torch.zeros(0, dtype=torch.float64)
+    counts = torch.zeros(0, dtype=torch.float64)
     for start in tqdm(range(0, len(examples), batch_size), desc=f"ppl {layout}",
                       disable=not progress):
         batch = collate(examples[start:start + batch_size])
@@ -56,12 +59,19 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device),
                        logits_to_keep=keep).logits
-        nll, n = target_nll(logits, batch["labels"][:, -keep:].to(device), ids or ())
-        total += float(nll)
-        count += n
+        nll, index = target_token_nll(logits, batch["labels"][:, -keep:].to(device), ids or ())
+        if nll.numel():
+            width = max(len(sums), int(index.max()) + 1)
+            sums = torch.nn.functional.pad(sums, (0, width - len(sums)))
+            counts = torch.nn.functional.pad(counts, (0, width - len(counts)))
+            sums.index_add_(0, index.cpu(), nll.detach().double().cpu())
+            counts.index_add_(0, index.cpu(), torch.ones(len(index), dtype=torch.float64))
+    count = int(counts.sum())
     if count == 0:
         raise ValueError("no target tokens to score")
-    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count}
+    mean = float(sums.sum()) / count
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": count,
+            "nll_by_position": (sums / counts).tolist()}
 
 
 @torch.no_grad()
@@ -89,4 +99,25 @@ def markdown_table(rows: list[dict]) -> str:
         ratio_p = f"{r['ppl'] / p:.3f}" if p else "—"
         lines.append(f"| {r['name']} | {r['layout']} | {r['adapter'] or 'base'} | "
                      f"{'yes' if r['markers'] else 'no'} | {r['ppl']:.3f} | {ratio_n} | {ratio_p} |")
+    return "\n".join(lines)
+
+
+def position_table(rows: list[dict], head: int = 4) -> str:
+    """Mean NLL of the first ``head`` target places one by one, then the mean of the remaining
+    places' means: where each setting loses (an untrained append layout loses mostly right after the passage)."""
+    rows = [r for r in rows if r.get("nll_by_position")]
+    if not rows:
+        return ""
+    width = max(len(r["nll_by_position"]) for r in rows)
+    head = min(head, width)
+    cols = [str(i) for i in range(head)] + ([f"{head}-{width - 1}"] if width > head else [])
+    lines = ["| setting | " + " | ".join(f"NLL @{c}" for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        by_pos = r["nll_by_position"]
+        cells = [f"{v:.3f}" for v in by_pos[:head]]
+        if width > head:
+            rest = by_pos[head:]
+            cells.append(f"{sum(rest) / len(rest):.3f}" if rest else "—")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

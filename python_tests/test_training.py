@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from flashback_ext.data import (Collator, DataError, Example, build_examples, layout_tokens,
-                                split_by_document, target_nll)
-from flashback_ext.evaluate import engine_perplexity, perplexity
+                                split_by_document, target_nll,
+                                target_token_nll)
+from flashback_ext.evaluate import engine_perplexity, perplexity, position_table
 from flashback_ext.marking import add_marking_tokens, marker_ids
 from flashback_ext.models import tiny_llama
 from flashback_ext.ralm import RALMGenerator
@@ -121,6 +122,12 @@ def test_target_nll_by_hand():
     want_x = -(math.log(math.exp(2) / sum(math.exp(x) for x in (0, 1, 2)))
                + math.log(math.exp(1) / (3 * math.exp(1))))
     assert abs(float(nll_x) - want_x) < 1e-5
+    # per token: the same two terms, numbered by their place among the row's targets
+    per_token, index = target_token_nll(logits, labels, exclude_ids=[3])
+    assert index.tolist() == [0, 1] and abs(float(per_token.sum()) - want_x) < 1e-5
+    ragged = torch.tensor([[-100, 2, 0], [-100, -100, 1]])
+    _, index = target_token_nll(logits.expand(2, -1, -1), ragged)
+    assert index.tolist() == [0, 1, 0]
 
 
 def test_perplexity_matches_hand_computation(model, tok):
@@ -131,6 +138,21 @@ def test_perplexity_matches_hand_computation(model, tok):
         logp = torch.log_softmax(model(ids).logits[0].double(), -1)
     nll = -sum(float(logp[i - 1, ids[0, i]]) for i in (5, 6, 7)) / 3
     assert got["tokens"] == 3 and abs(got["ppl"] - math.exp(nll)) < 1e-4 * math.exp(nll)
+    by_place = [-float(logp[i - 1, ids[0, i]]) for i in (5, 6, 7)]
+    assert got["nll_by_position"] == pytest.approx(by_place, rel=1e-5)
+    # two examples with targets of different lengths: place 2 is averaged over one example
+    short = Example(src=[5, 6], e=[8], tgt=[10, 11], doc_id="d", passage_id=0)
+    both = perplexity(model, tok, [ex, short], "append", markers=False, progress=False)
+    ids2 = torch.tensor([[5, 6, 8, 10, 11]])
+    with torch.no_grad():
+        logp2 = torch.log_softmax(model(ids2).logits[0].double(), -1)
+    short_places = [-float(logp2[i - 1, ids2[0, i]]) for i in (3, 4)]
+    want = [(by_place[0] + short_places[0]) / 2, (by_place[1] + short_places[1]) / 2, by_place[2]]
+    assert both["tokens"] == 5 and both["nll_by_position"] == pytest.approx(want, rel=1e-4)
+    assert both["nll"] == pytest.approx((sum(by_place) + sum(short_places)) / 5, rel=1e-5)
+    table = position_table([{"name": "A.", **both}], head=2)
+    assert table.splitlines()[0] == "| setting | NLL @0 | NLL @1 | NLL @2-2 |"
+    assert table.splitlines()[2].startswith(f"| A. | {want[0]:.3f} | {want[1]:.3f} | {want[2]:.3f} |")
 
 
 def _train(model, tok, setup, tmp_path, layout="append", markers=True, steps=3, **extra):
