@@ -64,7 +64,7 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
             width = max(len(sums), int(index.max()) + 1)
             sums = torch.nn.functional.pad(sums, (0, width - len(sums)))
             counts = torch.nn.functional.pad(counts, (0, width - len(counts)))
-            sums.index_add_(0, index.cpu(), nll.detach().double().cpu())
+            sums.index_add_(0, index.cpu(), nll.detach().cpu().double())
             counts.index_add_(0, index.cpu(), torch.ones(len(index), dtype=torch.float64))
     count = int(counts.sum())
     if count == 0:
@@ -115,7 +115,7 @@ def position_table(rows: list[dict], head: int = 4) -> str:
              "|---|" + "---:|" * len(cols)]
     for r in rows:
         by_pos = r["nll_by_position"]
-        cells = [f"{v:.3f}" for v in by_pos[:head]]
+        cells = [f"{v:.3f}" for v in by_pos[:head]] + ["—"] * (head - min(head, len(by_pos)))
         if width > head:
             rest = by_pos[head:]
             cells.append(f"{sum(rest) / len(rest):.3f}" if rest else "—")

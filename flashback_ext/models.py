@@ -98,13 +98,15 @@ def default_adapter_path() -> Optional[Path]:
 
 
 def tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
-               kv_heads: int = 2, seed: int = 0, max_positions: int = 4096):
-    """A small random-weight LlamaForCausalLM (fp32, CPU) for tests and smoke runs."""
+               kv_heads: int = 2, seed: int = 0, max_positions: int = 4096,
+               tie_embeddings: bool = False):
+    """A small random-weight LlamaForCausalLM (fp32, CPU) for tests and smoke runs
+    (``tie_embeddings=True``: one matrix for the input embedding and the LM head, as SmolLM2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tie_embeddings)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()

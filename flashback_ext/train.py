@@ -123,19 +123,34 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _warm_start(model, init_adapter, settings: TrainSettings):
+# the example settings that decide which documents are held out
+SPLIT_KEYS = ("corpus", "seed", "eval_fraction")
+
+
+def _warm_start(model, init_adapter, settings: TrainSettings, examples_spec: Optional[dict] = None):
     """``(trainable peft model, tokenizer, settings)`` from a saved adapter: its LoRA shape
-    replaces the settings' (the run file must tell the truth); layout and markers must match."""
+    replaces the settings' (the run file must tell the truth). Layout and markers must match, and
+    so must the document split when both runs record it (else the new run could train on the
+    documents the first one held out). Everything is checked before ``model`` is touched."""
+    info = _run_info(Path(init_adapter).expanduser())
+    trained = info["settings"]
+    if (trained["layout"], bool(trained["markers"])) != (settings.layout, settings.markers):
+        raise AdapterError(f"adapter {init_adapter} was trained with layout {trained['layout']!r}, "
+                           f"markers {bool(trained['markers'])}; this run uses "
+                           f"{settings.layout!r}, markers {settings.markers}")
+    theirs = info.get("examples_spec")
+    if examples_spec and theirs:
+        differ = [k for k in SPLIT_KEYS if k in theirs and theirs[k] != examples_spec.get(k)]
+        if differ:
+            raise AdapterError(f"adapter {init_adapter} was trained on another document split "
+                               f"({', '.join(f'{k} {theirs[k]!r} != {examples_spec.get(k)!r}' for k in differ)}): "
+                               f"warm-starting would train on its held-out documents")
     peft_model, tokenizer = load_adapter(model, init_adapter, trainable=True)
-    info = json.loads((Path(init_adapter).expanduser() / RUN_FILE).read_text())["settings"]
-    if (info["layout"], bool(info["markers"])) != (settings.layout, settings.markers):
-        raise AdapterError(f"adapter {init_adapter} was trained with layout {info['layout']!r}, "
-                           f"markers {bool(info['markers'])}; this run uses {settings.layout!r}, "
-                           f"markers {settings.markers}")
     config = peft_model.peft_config["default"]
+    targets = config.target_modules
     settings = replace(settings, lora_r=config.r, lora_alpha=config.lora_alpha,
                        lora_dropout=config.lora_dropout,
-                       target_modules=sorted(config.target_modules))
+                       target_modules=[targets] if isinstance(targets, str) else sorted(targets))
     return peft_model, tokenizer, settings
 
 
@@ -160,7 +175,8 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     out = Path(output_dir)
     signature = _base_signature(model)
     if init_adapter is not None:
-        peft_model, tokenizer, settings = _warm_start(model, init_adapter, settings)
+        peft_model, tokenizer, settings = _warm_start(model, init_adapter, settings,
+                                                      (extra_info or {}).get("examples_spec"))
     else:
         peft_model = _lora_model(model, tokenizer, settings)
     markers = marker_ids(tokenizer) if settings.markers else None
@@ -197,6 +213,20 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     return out
 
 
+def _run_info(folder: Path) -> dict:
+    """The adapter folder's ``flashback_run.json``, checked for the fields loading relies on."""
+    run_file = folder / RUN_FILE
+    if not run_file.exists() or not (folder / "adapter_config.json").exists():
+        raise AdapterError(f"no FlashBack adapter at {folder} ({RUN_FILE} or adapter_config.json "
+                           f"missing)")
+    try:
+        info = json.loads(run_file.read_text())
+        info["settings"]["layout"], info["settings"]["markers"], info["base"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AdapterError(f"corrupt adapter folder {folder}: {RUN_FILE} unreadable ({exc})") from None
+    return info
+
+
 def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False, trainable: bool = False):
     """Load a FlashBack adapter onto ``model``; returns ``(peft_model, tokenizer)``.
 
@@ -209,16 +239,10 @@ def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False, traina
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    if merge and trainable:
+        raise ValueError("merge=True folds the adapter away; it cannot also stay trainable")
     folder = Path(adapter_dir).expanduser()
-    run_file = folder / RUN_FILE
-    if not run_file.exists() or not (folder / "adapter_config.json").exists():
-        raise AdapterError(f"no FlashBack adapter at {folder} ({RUN_FILE} or adapter_config.json "
-                           f"missing)")
-    try:
-        info = json.loads(run_file.read_text())
-        info["settings"]["layout"], info["base"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise AdapterError(f"corrupt adapter folder {folder}: {RUN_FILE} unreadable ({exc})") from None
+    info = _run_info(folder)
     mine = _base_signature(model)
     theirs = info.get("base", {})
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
@@ -228,11 +252,9 @@ def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False, traina
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if info["settings"].get("markers"):
         add_marking_tokens(model, tokenizer)
-    if merge and trainable:
-        raise ValueError("merge=True folds the adapter away; it cannot also stay trainable")
     peft_model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
     if trainable:
-        return peft_model, tokenizer
+        return peft_model.train(), tokenizer
     if merge:
         return peft_model.merge_and_unload().eval(), tokenizer
     return peft_model.eval(), tokenizer

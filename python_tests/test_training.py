@@ -273,13 +273,51 @@ def test_warm_start_continues_from_a_saved_adapter(model, tok, setup, tmp_path):
     assert all(not torch.equal(params[n].detach(), v) for n, v in start.items())
 
 
-def test_warm_start_refuses_another_layout(model, tok, setup, tmp_path):
-    exs, first = _train(model, tok, setup, tmp_path, steps=1)
+def test_warm_start_refuses_another_layout_or_split_before_touching_the_model(model, tok, setup,
+                                                                               tmp_path):
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=8, progress=False)
+    spec = {"corpus": "docs", "seed": 0, "eval_fraction": 0.25, "budget": 64}
+    first = train_adapter(model, tok, exs, tmp_path / "first", extra_info={"examples_spec": spec},
+                          settings=TrainSettings(steps=1, batch_size=4, save_steps=100))
     fresh_tok = tiny_hf_tokenizer()
     fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    rows = fresh.get_input_embeddings().weight.shape[0]
     with pytest.raises(AdapterError, match="trained with layout 'append', markers True"):
         train_adapter(fresh, fresh_tok, exs, tmp_path / "p",
                       settings=TrainSettings(layout="prepend", markers=False, steps=1),
                       init_adapter=first)
+    with pytest.raises(AdapterError, match="another document split \\(seed 0 != 1\\)"):
+        train_adapter(fresh, fresh_tok, exs, tmp_path / "s", settings=TrainSettings(steps=1),
+                      init_adapter=first, extra_info={"examples_spec": dict(spec, seed=1)})
     with pytest.raises(ValueError, match="cannot also stay trainable"):
         load_adapter(fresh, first, merge=True, trainable=True)
+    # refused before anything changed: no adapter layers, no marker rows
+    assert fresh.get_input_embeddings().weight.shape[0] == rows
+    assert not any("lora_" in n for n, _ in fresh.named_parameters())
+    assert marker_ids(fresh_tok) is None
+    # a budget change keeps the split: allowed
+    train_adapter(fresh, fresh_tok, exs, tmp_path / "b", settings=TrainSettings(steps=1, batch_size=4),
+                  init_adapter=first, extra_info={"examples_spec": dict(spec, budget=128)})
+
+
+def test_warm_start_with_tied_embeddings_trains_one_shared_marker_row(tok, setup, tmp_path):
+    # SmolLM2 ties the LM head to the embedding: a warm start must keep the marker rows tied
+    def tied():
+        return tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32, heads=4,
+                          kv_heads=2, tie_embeddings=True)
+
+    exs, first = _train(tied(), tok, setup, tmp_path, steps=2)
+    fresh_tok = tiny_hf_tokenizer()
+    out = train_adapter(tied(), fresh_tok, exs, tmp_path / "warm", init_adapter=first,
+                        settings=TrainSettings(steps=2, batch_size=4, lr=1e-2, marker_lr=0.1,
+                                               save_steps=100))
+    before, _ = load_adapter(tied(), first, merge=True)
+    after, after_tok = load_adapter(tied(), out, merge=True)
+    ids = list(marker_ids(after_tok))
+    for merged in (before, after):
+        assert merged.get_input_embeddings().weight.data_ptr() == \
+            merged.get_output_embeddings().weight.data_ptr()
+    moved = after.get_input_embeddings().weight[ids] - before.get_input_embeddings().weight[ids]
+    assert float(moved.abs().mean()) > 0.01
