@@ -368,7 +368,7 @@ def cmd_eval(args) -> int:
     import json
 
     from .evaluate import PAPER_ROWS, markdown_table, perplexity, position_table
-    from .train import AdapterError, load_adapter
+    from .train import AdapterError, check_adapter_layout, load_adapter
 
     adapters = {}
     for item in args.adapter or []:
@@ -398,17 +398,12 @@ def cmd_eval(args) -> int:
         if setting.adapter is None:
             m, tok = model, tokenizer
         else:
-            fresh, _ = _load(args)
             try:
-                m, tok = load_adapter(fresh, adapters[setting.adapter])
+                check_adapter_layout(adapters[setting.adapter], setting.layout, setting.markers,
+                                     f"row {setting.name}")
+                m, tok = load_adapter(_load(args)[0], adapters[setting.adapter])
             except AdapterError as exc:
                 raise CliError(str(exc)) from None
-            info = json.loads((Path(adapters[setting.adapter]) / "flashback_run.json").read_text())
-            trained = (info["settings"]["layout"], bool(info["settings"]["markers"]))
-            if trained != (setting.layout, setting.markers):
-                raise CliError(f"adapter {adapters[setting.adapter]} was trained with layout "
-                               f"{trained[0]!r}, markers {trained[1]}; row {setting.name} needs "
-                               f"{setting.layout!r}, markers {setting.markers}")
         t0 = time.perf_counter()
         result = perplexity(m, tok, evals, setting.layout, setting.markers,
                             batch_size=args.batch_size)

@@ -115,7 +115,7 @@ def position_table(rows: list[dict], head: int = 4) -> str:
              "|---|" + "---:|" * len(cols)]
     for r in rows:
         by_pos = r["nll_by_position"]
-        cells = [f"{v:.3f}" for v in by_pos[:head]] + ["—"] * (head - min(head, len(by_pos)))
+        cells = [f"{v:.3f}" for v in by_pos[:head]] + ["—"] * max(0, head - len(by_pos))
         if width > head:
             rest = by_pos[head:]
             cells.append(f"{sum(rest) / len(rest):.3f}" if rest else "—")

@@ -20,7 +20,8 @@ import torch
 from .data import Collator, Example, LAYOUTS, target_nll
 from .marking import add_marking_tokens, marker_ids
 
-__all__ = ["TrainSettings", "train_adapter", "load_adapter", "AdapterError", "RUN_FILE"]
+__all__ = ["TrainSettings", "train_adapter", "load_adapter", "check_adapter_layout", "AdapterError",
+           "RUN_FILE"]
 
 logger = logging.getLogger(__name__)
 RUN_FILE = "flashback_run.json"
@@ -132,12 +133,7 @@ def _warm_start(model, init_adapter, settings: TrainSettings, examples_spec: Opt
     replaces the settings' (the run file must tell the truth). Layout and markers must match, and
     so must the document split when both runs record it (else the new run could train on the
     documents the first one held out). Everything is checked before ``model`` is touched."""
-    info = _run_info(Path(init_adapter).expanduser())
-    trained = info["settings"]
-    if (trained["layout"], bool(trained["markers"])) != (settings.layout, settings.markers):
-        raise AdapterError(f"adapter {init_adapter} was trained with layout {trained['layout']!r}, "
-                           f"markers {bool(trained['markers'])}; this run uses "
-                           f"{settings.layout!r}, markers {settings.markers}")
+    info = check_adapter_layout(init_adapter, settings.layout, settings.markers, "this run")
     theirs = info.get("examples_spec")
     if examples_spec and theirs:
         differ = [k for k in SPLIT_KEYS if k in theirs and theirs[k] != examples_spec.get(k)]
@@ -224,6 +220,17 @@ def _run_info(folder: Path) -> dict:
         info["settings"]["layout"], info["settings"]["markers"], info["base"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AdapterError(f"corrupt adapter folder {folder}: {RUN_FILE} unreadable ({exc})") from None
+    return info
+
+
+def check_adapter_layout(adapter_dir, layout: str, markers: bool, user: str) -> dict:
+    """Raise :class:`AdapterError` unless the adapter was trained with ``layout`` and ``markers``
+    (``user`` names who needs them in the message); returns its run info."""
+    info = _run_info(Path(adapter_dir).expanduser())
+    trained = (info["settings"]["layout"], bool(info["settings"]["markers"]))
+    if trained != (layout, markers):
+        raise AdapterError(f"adapter {adapter_dir} was trained with layout {trained[0]!r}, "
+                           f"markers {trained[1]}; {user} needs {layout!r}, markers {markers}")
     return info
 
 
