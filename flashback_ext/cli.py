@@ -319,6 +319,10 @@ def _add_example_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.1, help="documents held out")
     p.add_argument("--max-train-examples", type=int, default=2000)
     p.add_argument("--max-eval-examples", type=int, default=200)
+    p.add_argument("--train-target-phases", type=int, default=1,
+                   help="start training targets this many times per stride (2: also half a "
+                        "stride later) for more distinct examples from the same documents; "
+                        "held-out examples always use 1")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -330,7 +334,8 @@ def _examples(args, tokenizer):
     spec = ExampleSpec(corpus=args.corpus, stride=args.stride, query_tokens=args.query_tokens,
                        passage_tokens=args.passage_tokens, budget=args.budget,
                        eval_fraction=args.eval_fraction, max_train=args.max_train_examples,
-                       max_eval=args.max_eval_examples, seed=args.seed)
+                       max_eval=args.max_eval_examples, seed=args.seed,
+                       train_target_phases=args.train_target_phases)
     try:
         return spec, *prepare_examples(tokenizer, spec, model_key=str(args.model))
     except (DataError, FileNotFoundError, ValueError, RetrievalError) as exc:

@@ -92,8 +92,13 @@ def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *
                    query_tokens: int = 32, passage_tokens: int = 128, budget: int = 512,
                    seed: int = 0, max_examples: Optional[int] = None,
                    exclude_same_doc: bool = True, leak_ngram: int = 8,
-                   progress: bool = True) -> list[Example]:
+                   target_phases: int = 1, progress: bool = True) -> list[Example]:
     """Examples from ``docs`` (``(doc_id, title, text)``) with passages from ``retriever``.
+
+    Targets start every ``stride`` tokens after the first ``query_tokens`` (the official recipe).
+    ``target_phases`` > 1 also starts them ``stride / target_phases``, ``2 * stride /
+    target_phases``, ... tokens later: more distinct examples from the same documents, for
+    training; with 1 the examples are exactly the recipe's.
 
     Leakage control: a passage sharing any ``leak_ngram``-token span with the target (or the whole
     target, if shorter) is never used, nor one from the same document when ``exclude_same_doc``.
@@ -101,12 +106,16 @@ def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *
     if budget // 2 <= passage_tokens + 2 or budget // 2 > budget - stride - 1:
         raise DataError(f"budget {budget} is too small for stride {stride} and passages of "
                         f"{passage_tokens} tokens (need budget // 2 > passage_tokens + 2)")
+    if not 1 <= target_phases <= stride:
+        raise DataError(f"target_phases must be in [1, stride={stride}], got {target_phases}")
     rng = random.Random(seed)
     candidates = []
     for doc_id, _title, text in docs:
         ids = tokenizer.encode(text, add_special_tokens=False)
-        for t in range(query_tokens, len(ids) - stride + 1, stride):
-            candidates.append((doc_id, ids, t))
+        for phase in range(target_phases):
+            first = query_tokens + phase * stride // target_phases
+            for t in range(first, len(ids) - stride + 1, stride):
+                candidates.append((doc_id, ids, t))
     if not candidates:
         raise DataError(f"the corpus is too short: no document has {query_tokens + stride} tokens")
     rng.shuffle(candidates)

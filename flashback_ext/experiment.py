@@ -28,6 +28,7 @@ class ExampleSpec:
     max_train: int = 2000
     max_eval: int = 200
     seed: int = 0
+    train_target_phases: int = 1  # > 1: more training examples from the same documents
 
 
 def load_documents(spec: str) -> list[tuple[str, str, str]]:
@@ -52,6 +53,9 @@ def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
     train_docs, eval_docs = split_by_document(docs, spec.eval_fraction, spec.seed)
     key = dict(asdict(spec), tokenizer=model_key or tokenizer.name_or_path, vocab=len(tokenizer),
                docs=len(docs))
+    # one phase keeps the cache keys of earlier releases; held-out examples never depend on it
+    phases = key.pop("train_target_phases")
+    train_key = dict(key, part="train", **({"train_target_phases": phases} if phases != 1 else {}))
     state: dict = {}
 
     def retriever():
@@ -60,17 +64,19 @@ def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
             state["r"] = BM25Retriever(corpus)
         return state["r"]
 
-    def build(part_docs, count, seed):
+    def build(part_docs, count, seed, n_phases):
         return lambda: build_examples(part_docs, tokenizer, retriever(), stride=spec.stride,
                                       query_tokens=spec.query_tokens,
                                       passage_tokens=spec.passage_tokens, budget=spec.budget,
-                                      seed=seed, max_examples=count, progress=progress)
+                                      seed=seed, max_examples=count, target_phases=n_phases,
+                                      progress=progress)
 
     folder = cache_dir() / "examples"
-    train = load_or_build_examples(folder / "train.json", dict(key, part="train"),
-                                   build(train_docs, spec.max_train, spec.seed))
+    # held-out examples always follow the recipe (one phase), whatever the training side uses
+    train = load_or_build_examples(folder / "train.json", train_key,
+                                   build(train_docs, spec.max_train, spec.seed, phases))
     evals = load_or_build_examples(folder / "eval.json", dict(key, part="eval"),
-                                   build(eval_docs, spec.max_eval, spec.seed + 1))
+                                   build(eval_docs, spec.max_eval, spec.seed + 1, 1))
     logger.info("%d train / %d eval examples from %d / %d documents", len(train), len(evals),
                 len(train_docs), len(eval_docs))
     return train, evals

@@ -70,6 +70,32 @@ def test_example_builder_invariants(tok, setup):
     assert again == exs  # seeded
 
 
+def _target_starts(exs, docs, tok):
+    """Where each example's target starts in its document (src + tgt located in the text)."""
+    texts = {d[0]: tok.encode(d[2], add_special_tokens=False) for d in docs}
+    starts = []
+    for ex in exs:
+        ids, joined = texts[ex.doc_id], ex.src + ex.tgt
+        hits = [i + len(ex.src) for i in range(len(ids) - len(joined) + 1)
+                if ids[i:i + len(joined)] == joined]
+        assert len(hits) == 1
+        starts.append(hits[0])
+    return starts
+
+
+@pytest.mark.parametrize("phases", [2, 3])
+def test_target_phases_add_shifted_targets(tok, setup, phases):
+    docs, retriever = setup
+    kw = dict(stride=8, query_tokens=6, passage_tokens=16, budget=64, seed=3, progress=False)
+    one = build_examples(docs, tok, retriever, **kw)
+    assert build_examples(docs, tok, retriever, target_phases=1, **kw) == one  # the recipe
+    assert {(t - 6) % 8 for t in _target_starts(one, docs, tok)} == {0}
+    more = build_examples(docs, tok, retriever, target_phases=phases, **kw)
+    offsets = {(t - 6) % 8 for t in _target_starts(more, docs, tok)}
+    assert offsets == {p * 8 // phases for p in range(phases)}
+    assert len(more) > 1.5 * len(one)
+
+
 def test_builder_bad_inputs(tok, setup):
     docs, retriever = setup
     with pytest.raises(DataError, match="too short"):
@@ -84,6 +110,10 @@ def test_builder_bad_inputs(tok, setup):
     with pytest.raises(DataError, match="no usable passage"):
         build_examples(docs, tok, NoHits(), stride=8, query_tokens=6, passage_tokens=16,
                        budget=64, progress=False)
+    for phases in (0, 9):
+        with pytest.raises(DataError, match="target_phases"):
+            build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                           budget=64, target_phases=phases, progress=False)
     with pytest.raises(DataError, match="at least 2 documents"):
         split_by_document(docs[:1], 0.5)
 
@@ -321,3 +351,22 @@ def test_warm_start_with_tied_embeddings_trains_one_shared_marker_row(tok, setup
             merged.get_output_embeddings().weight.data_ptr()
     moved = after.get_input_embeddings().weight[ids] - before.get_input_embeddings().weight[ids]
     assert float(moved.abs().mean()) > 0.01
+
+
+def test_more_training_phases_keep_the_held_out_examples(tok, tmp_path, monkeypatch):
+    from flashback_ext.experiment import ExampleSpec, prepare_examples
+
+    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for doc_id, _, text in word_docs(n_docs=8, words_per_doc=300):
+        (docs / f"{doc_id}.txt").write_text(text)
+    spec = ExampleSpec(corpus=str(docs), stride=8, query_tokens=6, passage_tokens=16, budget=64,
+                       eval_fraction=0.25, max_train=10_000, max_eval=50)
+    train1, eval1 = prepare_examples(tok, spec, progress=False)
+    spec.train_target_phases = 2
+    train2, eval2 = prepare_examples(tok, spec, progress=False)
+    assert eval2 == eval1 and len(train2) > 1.5 * len(train1)
+    assert {e.doc_id for e in train2} == {e.doc_id for e in train1}  # same training documents
+    assert len(list((tmp_path / "examples").glob("train-*.json"))) == 2  # cached apart
+    assert len(list((tmp_path / "examples").glob("eval-*.json"))) == 1
