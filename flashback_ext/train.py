@@ -99,15 +99,23 @@ def _trainer_class():
                 self.optimizer = cls(groups, **kwargs)
             return super().create_optimizer(model)
 
+        # compute_loss returns the summed target NLL over the target count of the whole
+        # accumulated batch (all processes), so the Trainer must not divide by the steps again
+        loss_is_scaled_for_ga = True
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
             keep = Collator.keep_logits(labels)
             outputs = model(**inputs, logits_to_keep=keep)
             nll, count = target_nll(outputs.logits, labels[:, -keep:], self.exclude_ids)
-            # the Trainer passes the target count of the whole accumulated batch and then does
-            # not divide by the accumulation steps itself
-            denom = num_items_in_batch if num_items_in_batch is not None else count
-            loss = nll / max(int(denom), 1)
+            if num_items_in_batch is None:  # a per-batch mean, scaled for accumulation here
+                steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+                loss = nll / max(count, 1) / steps
+            else:
+                loss = nll / max(int(num_items_in_batch), 1)
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    # the count was summed over every process while DDP averages their gradients
+                    loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
     return FlashBackTrainer

@@ -370,3 +370,42 @@ def test_more_training_phases_keep_the_held_out_examples(tok, tmp_path, monkeypa
     assert {e.doc_id for e in train2} == {e.doc_id for e in train1}  # same training documents
     assert len(list((tmp_path / "examples").glob("train-*.json"))) == 2  # cached apart
     assert len(list((tmp_path / "examples").glob("eval-*.json"))) == 1
+
+
+@pytest.mark.parametrize("batch_size,grad_accum", [(4, 1), (2, 2), (1, 4)])
+def test_logged_loss_is_the_target_mean_nll_whatever_the_accumulation(model, tok, setup, tmp_path,
+                                                                      batch_size, grad_accum):
+    # lr 0 and no dropout: the one step's loss is the evaluator's token-mean NLL of the 4 examples,
+    # so accumulation neither double-divides nor over-weights short micro-batches
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=4, progress=False)
+    add_marking_tokens(model, tok)
+    want = perplexity(model, tok, exs, "append", markers=True, progress=False)["nll"]
+    settings = TrainSettings(steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=0.0,
+                             lora_dropout=0.0, warmup_ratio=0.0, save_steps=100)
+    folder = train_adapter(model, tok, exs, tmp_path / "adapter", settings=settings)
+    info = json.loads((folder / "flashback_run.json").read_text())
+    assert info["train_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_loss_is_scaled_back_up_when_counts_are_summed_over_processes(model, tok, setup):
+    from types import SimpleNamespace
+
+    from flashback_ext.train import _trainer_class
+
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=2, progress=False)
+    batch = Collator("append", None, tok.pad_token_id or 0)(exs)
+    trainer = object.__new__(_trainer_class())  # only compute_loss's own attributes are needed
+    trainer.exclude_ids = ()
+    losses = {}
+    for world in (1, 2):
+        trainer.args = SimpleNamespace(average_tokens_across_devices=True, world_size=world)
+        trainer.accelerator = SimpleNamespace(num_processes=world)
+        # with 2 processes the count covers both, here pretended equal: 2x this process's targets
+        with torch.no_grad():
+            losses[world] = float(trainer.compute_loss(model, dict(batch),
+                                                       num_items_in_batch=torch.tensor(16 * world)))
+    assert losses[2] == pytest.approx(losses[1], rel=1e-6)
