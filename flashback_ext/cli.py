@@ -209,7 +209,7 @@ def cmd_demo(args) -> int:
               "appended passages poorly (the paper's 'A.' row); prepend is the quality reference")
     elif args.adapter == "auto":
         print("  note: the shipped adapter is a CPU run (docs/RESULTS.md: held-out append "
-              "perplexity 13.5 vs 64.8 untrained, no retrieval 13.9, prepend+LoRA 11.7); prepend "
+              "perplexity 12.5 vs 64.8 untrained, no retrieval 13.9, prepend+LoRA 11.7); prepend "
               "is still the quality reference")
     if args.long_context > 0:
         _demo_long_context(args, engines, retriever)
