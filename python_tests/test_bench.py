@@ -23,6 +23,22 @@ def test_ralm_e2e_harness_runs(tmp_path):
         assert rows[0][mode] > 0
 
 
+def test_ralm_e2e_batch_case_without_prepend(tmp_path):
+    out = tmp_path / "batch.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "ralm_e2e.py"), "--model", "tiny",
+                          "--contexts", "40", "--cycles", "1", "--stride", "4", "--passage", "8",
+                          "--modes", "engine-append", "--batch", "3", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.rstrip().splitlines()[-2].endswith("n/a")  # no prepend/append ratio to show
+    batch = json.loads(out.read_text())["rows"][0]["batch"]
+    assert batch["size"] == 3 and batch["lengths"] == [40, 34, 27]  # spread over [L/2, L]
+    for key in ("tokens_per_s", "batch1_tokens_per_s", "cycle_tokens_per_s", "batch1_cycle_tokens_per_s"):
+        assert batch[key] > 0
+    # the prompt prefill only adds time
+    assert batch["cycle_tokens_per_s"] > batch["tokens_per_s"]
+
+
 def test_kernel_case_reports_peers_and_checks_itself():
     sys.path.insert(0, str(ROOT / "bench"))
     import kernels
