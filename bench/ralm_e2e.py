@@ -248,11 +248,10 @@ def main() -> None:
             ctxs = [context[:n] for n in lens]
             one = engine_cycle(model, "append", [context], args.stride, args.passage, args.cycles, None)
             many = engine_cycle(model, "append", ctxs, args.stride, args.passage, args.cycles, None)
-            row["batch"] = {"size": args.batch, "lengths": lens, "tokens_per_s": many["tokens_per_s"],
-                            "batch1_tokens_per_s": one["tokens_per_s"],
-                            "cycle_tokens_per_s": many["cycle_tokens_per_s"],
-                            "batch1_cycle_tokens_per_s": one["cycle_tokens_per_s"]}
-            for key, what in (("tokens_per_s", "with prefill"), ("cycle_tokens_per_s", "retrieval cycles only")):
+            rates = {"tokens_per_s": "with prefill", "cycle_tokens_per_s": "retrieval cycles only"}
+            row["batch"] = {"size": args.batch, "lengths": lens, **{k: many[k] for k in rates},
+                            **{f"batch1_{k}": one[k] for k in rates}}
+            for key, what in rates.items():
                 print(f"L={length:6d} batch {args.batch}: {many[key]:.1f} tokens/s vs {one[key]:.1f} at "
                       f"batch 1 ({many[key] / one[key]:.2f}x, {what})", flush=True)
         rows.append(row)

@@ -72,9 +72,9 @@ def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
                                       progress=progress)
 
     folder = cache_dir() / "examples"
-    # held-out examples always follow the recipe (one phase), whatever the training side uses
     train = load_or_build_examples(folder / "train.json", train_key,
                                    build(train_docs, spec.max_train, spec.seed, phases))
+    # held-out examples always follow the recipe (one phase), whatever the training side uses
     evals = load_or_build_examples(folder / "eval.json", dict(key, part="eval"),
                                    build(eval_docs, spec.max_eval, spec.seed + 1, 1))
     logger.info("%d train / %d eval examples from %d / %d documents", len(train), len(evals),
