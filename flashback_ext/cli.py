@@ -324,12 +324,22 @@ def _add_example_args(p: argparse.ArgumentParser) -> None:
                         "stride later) for more distinct examples from the same documents; "
                         "held-out examples always use 1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--examples", default=None, metavar="DIR",
+                   help="use the examples in DIR (written by `flashback examples --out DIR`, "
+                        "e.g. on another machine) instead of building them; the corpus and "
+                        "example settings above are then ignored")
 
 
 def _examples(args, tokenizer):
     from .data import DataError
-    from .experiment import ExampleSpec, prepare_examples
+    from .experiment import ExampleSpec, load_exported_examples, prepare_examples
     from .retrieval import RetrievalError
+
+    if getattr(args, "examples", None):
+        try:
+            return load_exported_examples(args.examples, len(tokenizer))
+        except DataError as exc:
+            raise CliError(str(exc)) from None
 
     spec = ExampleSpec(corpus=args.corpus, stride=args.stride, query_tokens=args.query_tokens,
                        passage_tokens=args.passage_tokens, budget=args.budget,
@@ -340,6 +350,19 @@ def _examples(args, tokenizer):
         return spec, *prepare_examples(tokenizer, spec, model_key=str(args.model))
     except (DataError, FileNotFoundError, ValueError, RetrievalError) as exc:
         raise CliError(str(exc)) from None
+
+
+def cmd_examples(args) -> int:
+    """Build (or load from the cache) the train/held-out examples and write them to a folder."""
+    from .experiment import export_examples
+
+    if args.examples:
+        raise CliError("flashback examples builds examples: --examples reads them (drop it)")
+    tokenizer = _load(args)[1]
+    spec, train, evals = _examples(args, tokenizer)
+    out = export_examples(args.out, spec, train, evals, len(tokenizer))
+    print(f"{len(train)} train / {len(evals)} held-out examples written to {out}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -361,7 +384,8 @@ def cmd_train(args) -> int:
     try:
         out = train_adapter(model, tokenizer, train, args.out, settings=settings,
                             resume=args.resume, init_adapter=args.init_adapter,
-                            extra_info={"examples_spec": asdict(spec), "model": str(args.model)})
+                            extra_info={"examples_spec": asdict(spec), "model": str(args.model),
+                                        "examples_dir": args.examples})
     except AdapterError as exc:
         raise CliError(str(exc)) from None
     print(f"adapter saved to {out}")
@@ -483,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="warm start: begin from this adapter's LoRA weights and marker rows "
                             "(same layout and markers; its LoRA shape is kept)")
     train.set_defaults(func=cmd_train)
+
+    ex = sub.add_parser("examples", help="build the train/held-out examples and write them to "
+                                         "a folder (to train or score elsewhere)")
+    _add_example_args(ex)
+    ex.add_argument("--out", required=True, help="folder for spec.json, train.json, eval.json")
+    ex.set_defaults(func=cmd_examples)
 
     ev = sub.add_parser("eval", help="perplexity table: N., P., A. and the adapters' rows")
     _add_example_args(ev)

@@ -3,16 +3,18 @@ retriever over its passages, the split by document and the cached train/eval exa
 every run with the same settings scores exactly the same held-out examples."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from .data import Example, build_examples, load_or_build_examples, python_docs, split_by_document
+from .data import DataError, Example, build_examples, load_or_build_examples, python_docs, split_by_document
 from .models import cache_dir
 from .retrieval import BM25Retriever, Corpus
 
-__all__ = ["ExampleSpec", "prepare_examples", "load_documents"]
+__all__ = ["ExampleSpec", "prepare_examples", "load_documents", "export_examples",
+           "load_exported_examples"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +82,45 @@ def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
     logger.info("%d train / %d eval examples from %d / %d documents", len(train), len(evals),
                 len(train_docs), len(eval_docs))
     return train, evals
+
+
+_EXPORT_FILES = ("spec.json", "train.json", "eval.json")
+
+
+def export_examples(folder: str | Path, spec: ExampleSpec, train: list[Example],
+                    evals: list[Example], vocab: int) -> Path:
+    """Write ``(train, eval)`` examples and their settings to ``folder``, so that a machine
+    without the corpus or the retriever (a GPU box, say) trains and scores exactly these."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"spec": asdict(spec), "vocab": vocab, "train": len(train), "eval": len(evals)}
+    for name, payload in zip(_EXPORT_FILES, (meta, [asdict(x) for x in train],
+                                             [asdict(x) for x in evals])):
+        tmp = folder / (name + ".tmp")
+        tmp.write_text(json.dumps(payload))
+        tmp.rename(folder / name)
+    return folder
+
+
+def load_exported_examples(folder: str | Path, vocab: int) -> tuple[ExampleSpec, list[Example],
+                                                                    list[Example]]:
+    """``(spec, train, eval)`` from a folder written by :func:`export_examples`; ``vocab`` is
+    the base tokenizer's size, which must match the one the examples were cut with."""
+    folder = Path(folder)
+    missing = [n for n in _EXPORT_FILES if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder} is not an examples folder (missing {', '.join(missing)}; "
+                        "write one with `flashback examples --out DIR`)")
+    try:
+        meta = json.loads((folder / "spec.json").read_text())
+        spec = ExampleSpec(**meta["spec"])
+        train, evals = ([Example(**row) for row in json.loads((folder / n).read_text())]
+                        for n in _EXPORT_FILES[1:])
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise DataError(f"{folder}: unreadable examples ({exc})") from None
+    if meta.get("vocab") != vocab:
+        raise DataError(f"{folder}: examples were cut with a {meta.get('vocab')}-token vocabulary, "
+                        f"this tokenizer has {vocab}")
+    if len(train) != meta.get("train") or len(evals) != meta.get("eval") or not evals:
+        raise DataError(f"{folder}: example counts do not match spec.json")
+    return spec, train, evals

@@ -140,3 +140,58 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     # an append+markers adapter cannot fill the A.+LoRA (no markers) row
     assert main(["eval", *common, "--adapter", f"append={out}"]) == 2
     assert "needs 'append', markers False" in capsys.readouterr().err
+
+
+def test_exported_examples_train_and_score_without_the_corpus(tiny_model_dir, tmp_path, capsys):
+    """`flashback examples --out DIR` then `--examples DIR`: the same examples and the same
+    perplexities as building them from the corpus, with the corpus gone."""
+    import json
+    import shutil
+
+    from toys import word_docs
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for doc_id, _, text in word_docs(n_docs=8, words_per_doc=300):
+        (docs / f"{doc_id}.txt").write_text(text)
+    model = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    settings = ["--corpus", str(docs), "--budget", "64", "--passage-tokens", "16", "--stride", "8",
+                "--query-tokens", "6", "--max-train-examples", "16", "--max-eval-examples", "8",
+                "--eval-fraction", "0.25", "--seed", "3"]
+    folder = tmp_path / "examples"
+    assert main(["examples", *model, *settings, "--out", str(folder)]) == 0
+    meta = json.loads((folder / "spec.json").read_text())
+    assert meta["spec"]["seed"] == 3 and meta["spec"]["budget"] == 64
+    assert meta["train"] == len(json.loads((folder / "train.json").read_text())) > 0
+    built = tmp_path / "built.json"
+    assert main(["eval", *model, *settings, "--rows", "N.,A.", "--json", str(built)]) == 0
+    shutil.rmtree(docs)  # the exported folder must be all that is needed
+    read = tmp_path / "read.json"
+    assert main(["eval", *model, "--examples", str(folder), "--rows", "N.,A.",
+                 "--json", str(read)]) == 0
+    ppl = [[r["ppl"] for r in json.loads(p.read_text())["rows"]] for p in (built, read)]
+    assert ppl[0] == ppl[1]
+    out = tmp_path / "adapter"
+    assert main(["train", *model, "--examples", str(folder), "--steps", "1", "--batch-size", "4",
+                 "--out", str(out)]) == 0
+    info = json.loads((out / "flashback_run.json").read_text())
+    assert info["examples"] == meta["train"] and info["examples_dir"] == str(folder)
+    assert info["examples_spec"]["seed"] == 3
+    capsys.readouterr()
+    # not an examples folder / examples cut with another vocabulary / --examples with `examples`
+    assert main(["eval", *model, "--examples", str(tmp_path / "nothing")]) == 2
+    assert "is not an examples folder (missing spec.json" in capsys.readouterr().err
+    meta["vocab"] += 1
+    (folder / "spec.json").write_text(json.dumps(meta))
+    assert main(["train", *model, "--examples", str(folder), "--out", str(tmp_path / "x")]) == 2
+    assert "examples were cut with a" in capsys.readouterr().err
+    meta["vocab"] -= 1
+    meta["train"] += 1
+    (folder / "spec.json").write_text(json.dumps(meta))
+    assert main(["eval", *model, "--examples", str(folder)]) == 2
+    assert "example counts do not match" in capsys.readouterr().err
+    (folder / "train.json").write_text("[{")
+    assert main(["eval", *model, "--examples", str(folder)]) == 2
+    assert "unreadable examples" in capsys.readouterr().err
+    assert main(["examples", *model, "--examples", str(folder), "--out", str(tmp_path / "y")]) == 2
+    assert "--examples reads them" in capsys.readouterr().err

