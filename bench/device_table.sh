@@ -10,9 +10,13 @@
 #     a first call carries .gpu/a (and copies it to /tmp/fb_parts), the second .gpu/b
 #   .gpu/b/examples.tar.xz                       `flashback examples --out` (spec/train/eval.json)
 #   .gpu/b/whl/gguf-*.whl                        to convert the GGUF there
-# Knobs: TRAIN_S (training seconds, default 300), BATCH (32), LR (1e-3), DEVICE (cuda),
-# PROBE_STEPS (30), MIN_STEPS (100), TRAIN_TIMEOUT (TRAIN_S + 110), PYTHON (python3), SKIP_CUDA_TESTS=1, EXAMPLES_TAR (a smaller
-# examples archive for a dry run on the CPU). Output: $OUT (at most 8 files come back).
+# Knobs: STEPS (fixed step count) or else TRAIN_S (training seconds, default 300) with a probe of
+# PROBE_STEPS (30) setting the count (at least MIN_STEPS, 100); TRAIN_TIMEOUT (TRAIN_S + 110),
+# BATCH (32), LR (1e-3), DEVICE (cuda), PYTHON (python3), SKIP_CUDA_TESTS=1, EXAMPLES_TAR (a
+# smaller examples archive for a dry run on the CPU). Output: $OUT (at most 8 files come back).
+# Measured on an H200 (2026-11-28): four trainings at once, batch 32, ran 3.6-3.8 steps/s each;
+# the probe, run while the CUDA build and tests shared the machine, read 390-520 ms/step (about
+# 1.6x too slow), so prefer STEPS once the rate is known (1,100 steps took 290-305 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/tmp/device_table}"
@@ -77,6 +81,9 @@ train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
   return $rc
 }
 
+if [ -n "${STEPS:-}" ]; then
+  echo "STEPS=$STEPS given: no probe"
+else
 step "probe: $PROBE_STEPS steps of all four at once"
 train_all "$PROBE_STEPS" "$WORK/probe" 100000 300 || { tail -30 "$WORK"/logs/train_probe_*; exit 1; }
 STEPS=$("$PY" - "$WORK/logs" "$PROBE_STEPS" "$TRAIN_S" "${MIN_STEPS:-100}" <<'EOF'
@@ -95,6 +102,7 @@ print(max(least, int(budget / slowest) // 50 * 50))
 print(f"probe: {', '.join(f'{x * 1000:.0f}' for x in per_step)} ms/step", file=sys.stderr)
 EOF
 ) || exit 1
+fi
 step "train all four for $STEPS steps x batch $BATCH (budget ${TRAIN_S} s)"
 # one checkpoint (the last): each holds the whole embedding and the optimizer state
 train_all "$STEPS" "$RUNS" "$STEPS" "${TRAIN_TIMEOUT:-$((TRAIN_S + 110))}"; TRAIN_RC=$?

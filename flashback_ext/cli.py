@@ -208,8 +208,8 @@ def cmd_demo(args) -> int:
         print("  note: without the FlashBack LoRA adapter and marking tokens the base model reads "
               "appended passages poorly (the paper's 'A.' row); prepend is the quality reference")
     elif args.adapter == "auto":
-        print("  note: the shipped adapter is a CPU run (docs/RESULTS.md: held-out append "
-              "perplexity 12.5 vs 64.8 untrained, no retrieval 13.9, prepend+LoRA 11.7); prepend "
+        print("  note: the shipped adapter is a short H200 run (docs/RESULTS.md: held-out append "
+              "perplexity 11.5 vs 64.8 untrained, no retrieval 13.9, prepend+LoRA 10.35); prepend "
               "is still the quality reference")
     if args.long_context > 0:
         _demo_long_context(args, engines, retriever)
