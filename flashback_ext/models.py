@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 
 __all__ = ["DEFAULT_MODEL", "cache_dir", "load_model", "default_model_path", "tiny_llama",
-           "default_adapter_path"]
+           "default_adapter_path", "align_special_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def default_model_path() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_NAME,
                                                  dtype=torch.float32)
+    align_special_tokens(tokenizer, model, folder / _GGUF_NAME)
     model.hf_quantizer = None  # the weights are dequantised; save them as a plain checkpoint
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -61,6 +62,33 @@ def default_model_path() -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)  # atomic: a half-written folder is never mistaken for a model
     return target
+
+
+def align_special_tokens(tokenizer, model, gguf_file: Union[str, Path]) -> dict[str, int]:
+    """Set the tokenizer's and the model's bos/eos/pad from the GGUF file's own metadata.
+
+    transformers versions disagree here: 5.24 reads SmolLM2's eos as ``<|im_end|>`` (id 2, as the
+    file says), 5.17 as ``<|im_start|>`` with no pad token, and generation stops on eos. Returns
+    the ids that were found.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_file)).fields
+    found = {}
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
+                      ("pad", "padding_token_id")):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is None or not field.data:
+            continue
+        token_id = int(field.parts[field.data[0]][0])
+        if not 0 <= token_id < len(tokenizer):
+            continue  # a file that names a token its vocabulary lacks: keep what was read
+        found[role] = token_id
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+        for config in (model.config, getattr(model, "generation_config", None)):
+            if config is not None:
+                setattr(config, f"{role}_token_id", token_id)
+    return found
 
 
 def load_model(
