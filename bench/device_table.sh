@@ -11,7 +11,8 @@
 #   .gpu/b/examples.tar.xz                       `flashback examples --out` (spec/train/eval.json)
 #   .gpu/b/whl/gguf-*.whl                        to convert the GGUF there
 # Knobs: STEPS (fixed step count) or else TRAIN_S (training seconds, default 300) with a probe of
-# PROBE_STEPS (30) setting the count (at least MIN_STEPS, 100); TRAIN_TIMEOUT (TRAIN_S + 110),
+# PROBE_STEPS (30) setting the count (at least MIN_STEPS, 100); TRAIN_TIMEOUT (TRAIN_S + 110, or
+# 480 with STEPS; keep the whole call under the device's 600 s),
 # BATCH (32), LR (1e-3), DEVICE (cuda), PYTHON (python3), SKIP_CUDA_TESTS=1, EXAMPLES_TAR (a
 # smaller examples archive for a dry run on the CPU). Output: $OUT (at most 8 files come back).
 # Measured on an H200 (2026-11-28): four trainings at once, batch 32, ran 3.6-3.8 steps/s each;
@@ -27,6 +28,7 @@ WORK="${WORK:-/tmp/fb_table}"
 SITE="$WORK/site" RUNS="$WORK/runs" EXAMPLES="$WORK/examples"
 EXPECTED_CHECKSUM="-10067.611954 18618625.800991 134515008"  # bench/model_checksum.py, here
 mkdir -p "$OUT" "$SITE" "$RUNS" "$EXAMPLES" "$WORK/logs"
+OUT="$(realpath "$OUT")"  # absolute: the CUDA job runs from a copy of the repo
 export FLASHBACK_CACHE="$WORK/cache" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 step() { echo "== $1 ($(date +%T))"; }
@@ -82,10 +84,11 @@ train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
 }
 
 if [ -n "${STEPS:-}" ]; then
+  STEPS_GIVEN=1
   echo "STEPS=$STEPS given: no probe"
 else
 step "probe: $PROBE_STEPS steps of all four at once"
-train_all "$PROBE_STEPS" "$WORK/probe" 100000 300 || { tail -30 "$WORK"/logs/train_probe_*; exit 1; }
+train_all "$PROBE_STEPS" "$WORK/probe" 100000 150 || { tail -30 "$WORK"/logs/train_probe_*; exit 1; }
 STEPS=$("$PY" - "$WORK/logs" "$PROBE_STEPS" "$TRAIN_S" "${MIN_STEPS:-100}" <<'EOF'
 import re, sys
 from pathlib import Path
@@ -105,7 +108,10 @@ EOF
 fi
 step "train all four for $STEPS steps x batch $BATCH (budget ${TRAIN_S} s)"
 # one checkpoint (the last): each holds the whole embedding and the optimizer state
-train_all "$STEPS" "$RUNS" "$STEPS" "${TRAIN_TIMEOUT:-$((TRAIN_S + 110))}"; TRAIN_RC=$?
+# a run cut off by its timeout leaves nothing to bring back (its one checkpoint comes at the end):
+# with STEPS, set TRAIN_TIMEOUT to fit them (default 480 s: ~1,500 steps at the H200 pace above)
+if [ -n "${STEPS_GIVEN:-}" ]; then DEFAULT_TIMEOUT=480; else DEFAULT_TIMEOUT=$((TRAIN_S + 110)); fi
+train_all "$STEPS" "$RUNS" "$STEPS" "${TRAIN_TIMEOUT:-$DEFAULT_TIMEOUT}"; TRAIN_RC=$?
 for f in "$WORK"/logs/train_runs_*; do echo "-- $f"; grep -E "train_loss|adapter saved|Error|error" "$f" | tail -3; done
 
 step "pack the adapters (final weights only, no optimizer state)"
@@ -136,7 +142,7 @@ fi
 for name in append_markers prepend append append_markers_mlr3e-3; do
   [ -f "$RUNS/$name/flashback_run.json" ] && cp "$RUNS/$name/flashback_run.json" "$WORK/logs/run_$name.json"
   # the loss curve: the newest checkpoint's Trainer log
-  last=$(find "$RUNS/$name/checkpoints" -maxdepth 1 -name "checkpoint-*" 2>/dev/null | sort -t- -k2 -n | tail -1)
+  last=$(find "$RUNS/$name/checkpoints" -maxdepth 1 -name "checkpoint-*" 2>/dev/null | sort -V | tail -1)
   [ -n "$last" ] && cp "$last/trainer_state.json" "$WORK/logs/trainer_state_$name.json"
 done
 tar -czf "$OUT/table_logs.tar.gz" -C "$WORK" logs

@@ -306,28 +306,42 @@ def cmd_index(args) -> int:
     return 0
 
 
+# example options -> ExampleSpec fields (fixed by an --examples folder), and their defaults
+_SPEC_OPTIONS = {"corpus": "corpus", "stride": "stride", "query_tokens": "query_tokens",
+                 "passage_tokens": "passage_tokens", "budget": "budget",
+                 "eval_fraction": "eval_fraction", "max_train_examples": "max_train",
+                 "max_eval_examples": "max_eval", "train_target_phases": "train_target_phases"}
+_SPEC_DEFAULTS = {"corpus": "python-docs", "stride": 16, "query_tokens": 32, "passage_tokens": 128,
+                  "budget": 512, "eval_fraction": 0.1, "max_train_examples": 2000,
+                  "max_eval_examples": 200, "train_target_phases": 1}
+
+
 def _add_example_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="base model folder or 'default'")
     p.add_argument("--device", default=None)
-    p.add_argument("--corpus", default="python-docs",
+    p.add_argument("--corpus", default=_SPEC_DEFAULTS["corpus"],
                    help="python-docs (CPython reference + stdlib docstrings), default (reference "
                         "only) or a .txt file / folder")
-    p.add_argument("--stride", type=int, default=16)
-    p.add_argument("--query-tokens", type=int, default=32)
-    p.add_argument("--passage-tokens", type=int, default=128)
-    p.add_argument("--budget", type=int, default=512, help="tokens per example (src + E + tgt)")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="documents held out")
-    p.add_argument("--max-train-examples", type=int, default=2000)
-    p.add_argument("--max-eval-examples", type=int, default=200)
-    p.add_argument("--train-target-phases", type=int, default=1,
+    p.add_argument("--stride", type=int, default=_SPEC_DEFAULTS["stride"])
+    p.add_argument("--query-tokens", type=int, default=_SPEC_DEFAULTS["query_tokens"])
+    p.add_argument("--passage-tokens", type=int, default=_SPEC_DEFAULTS["passage_tokens"])
+    p.add_argument("--budget", type=int, default=_SPEC_DEFAULTS["budget"],
+                   help="tokens per example (src + E + tgt)")
+    p.add_argument("--eval-fraction", type=float, default=_SPEC_DEFAULTS["eval_fraction"],
+                   help="documents held out")
+    p.add_argument("--max-train-examples", type=int, default=_SPEC_DEFAULTS["max_train_examples"])
+    p.add_argument("--max-eval-examples", type=int, default=_SPEC_DEFAULTS["max_eval_examples"])
+    p.add_argument("--train-target-phases", type=int, default=_SPEC_DEFAULTS["train_target_phases"],
                    help="start training targets this many times per stride (2: also half a "
                         "stride later) for more distinct examples from the same documents; "
                         "held-out examples always use 1")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="example split and draw seed; also the training seed")
     p.add_argument("--examples", default=None, metavar="DIR",
                    help="use the examples in DIR (written by `flashback examples --out DIR`, "
-                        "e.g. on another machine) instead of building them; the corpus and "
-                        "example settings above are then ignored")
+                        "e.g. on another machine) instead of building them: DIR fixes the corpus "
+                        "and example settings above (a different value given here is an error); "
+                        "--seed then only seeds training")
 
 
 def _examples(args, tokenizer):
@@ -337,9 +351,17 @@ def _examples(args, tokenizer):
 
     if getattr(args, "examples", None):
         try:
-            return load_exported_examples(args.examples, len(tokenizer))
+            spec, train, evals = load_exported_examples(args.examples, tokenizer)
         except DataError as exc:
             raise CliError(str(exc)) from None
+        # an example option given on the command line must agree with the folder's
+        clash = [f"--{opt.replace('_', '-')} {getattr(args, opt)} (the folder has {getattr(spec, field)})"
+                 for opt, field in _SPEC_OPTIONS.items()
+                 if getattr(args, opt) != _SPEC_DEFAULTS[opt]
+                 and getattr(args, opt) != getattr(spec, field)]
+        if clash:
+            raise CliError(f"{args.examples} fixes the example settings; drop {', '.join(clash)}")
+        return spec, train, evals
 
     spec = ExampleSpec(corpus=args.corpus, stride=args.stride, query_tokens=args.query_tokens,
                        passage_tokens=args.passage_tokens, budget=args.budget,
@@ -354,13 +376,17 @@ def _examples(args, tokenizer):
 
 def cmd_examples(args) -> int:
     """Build (or load from the cache) the train/held-out examples and write them to a folder."""
+    from .data import DataError
     from .experiment import export_examples
 
     if args.examples:
         raise CliError("flashback examples builds examples: --examples reads them (drop it)")
     tokenizer = _load(args)[1]
     spec, train, evals = _examples(args, tokenizer)
-    out = export_examples(args.out, spec, train, evals, len(tokenizer))
+    try:
+        out = export_examples(args.out, spec, train, evals, tokenizer)
+    except DataError as exc:
+        raise CliError(str(exc)) from None
     print(f"{len(train)} train / {len(evals)} held-out examples written to {out}")
     return 0
 

@@ -3,8 +3,10 @@ retriever over its passages, the split by document and the cached train/eval exa
 every run with the same settings scores exactly the same held-out examples."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,7 +16,7 @@ from .models import cache_dir
 from .retrieval import BM25Retriever, Corpus
 
 __all__ = ["ExampleSpec", "prepare_examples", "load_documents", "export_examples",
-           "load_exported_examples"]
+           "load_exported_examples", "tokenizer_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,28 +86,56 @@ def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
     return train, evals
 
 
-_EXPORT_FILES = ("spec.json", "train.json", "eval.json")
+_EXPORT_FILES = ("train.json", "eval.json", "spec.json")  # spec.json last: it seals the folder
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary (token -> id), to refuse examples cut by
+    another tokenizer of the same size."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha1(vocab.encode()).hexdigest()[:16]
 
 
 def export_examples(folder: str | Path, spec: ExampleSpec, train: list[Example],
-                    evals: list[Example], vocab: int) -> Path:
+                    evals: list[Example], tokenizer) -> Path:
     """Write ``(train, eval)`` examples and their settings to ``folder``, so that a machine
-    without the corpus or the retriever (a GPU box, say) trains and scores exactly these."""
+    without the corpus or the retriever (a GPU box, say) trains and scores exactly these.
+
+    ``spec.json`` is written last and records each file's hash, so a folder left half-written
+    (or mixed with an older export) is refused on load rather than read.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"spec": asdict(spec), "vocab": vocab, "train": len(train), "eval": len(evals)}
-    for name, payload in zip(_EXPORT_FILES, (meta, [asdict(x) for x in train],
-                                             [asdict(x) for x in evals])):
-        tmp = folder / (name + ".tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.rename(folder / name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "spec.json").unlink(missing_ok=True)  # unsealed until the new files are in
+        hashes = {}
+        for name, rows in zip(_EXPORT_FILES, (train, evals)):
+            data = json.dumps([asdict(x) for x in rows]).encode()
+            hashes[name] = hashlib.sha1(data).hexdigest()
+            (folder / (name + ".tmp")).write_bytes(data)
+            os.replace(folder / (name + ".tmp"), folder / name)
+        meta = {"spec": asdict(spec), "vocab": len(tokenizer),
+                "tokenizer": tokenizer_fingerprint(tokenizer), "train": len(train),
+                "eval": len(evals), "sha1": hashes}
+        (folder / "spec.json.tmp").write_text(json.dumps(meta, indent=1))
+        os.replace(folder / "spec.json.tmp", folder / "spec.json")
+    except OSError as exc:
+        raise DataError(f"cannot write examples to {folder}: {exc}") from None
     return folder
 
 
-def load_exported_examples(folder: str | Path, vocab: int) -> tuple[ExampleSpec, list[Example],
-                                                                    list[Example]]:
-    """``(spec, train, eval)`` from a folder written by :func:`export_examples`; ``vocab`` is
-    the base tokenizer's size, which must match the one the examples were cut with."""
+def _check_rows(rows: list[Example], vocab: int, where: str) -> None:
+    for i, ex in enumerate(rows):
+        ids = (*ex.src, *ex.e, *ex.tgt)
+        if not ex.tgt or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise DataError(f"{where}: example {i} has no target or a token id outside "
+                            f"[0, {vocab})")
+
+
+def load_exported_examples(folder: str | Path, tokenizer) -> tuple[ExampleSpec, list[Example],
+                                                                   list[Example]]:
+    """``(spec, train, eval)`` from a folder written by :func:`export_examples`, refused when
+    it is incomplete, was altered, or was cut with another tokenizer than ``tokenizer``."""
     folder = Path(folder)
     missing = [n for n in _EXPORT_FILES if not (folder / n).is_file()]
     if missing:
@@ -114,13 +144,20 @@ def load_exported_examples(folder: str | Path, vocab: int) -> tuple[ExampleSpec,
     try:
         meta = json.loads((folder / "spec.json").read_text())
         spec = ExampleSpec(**meta["spec"])
-        train, evals = ([Example(**row) for row in json.loads((folder / n).read_text())]
-                        for n in _EXPORT_FILES[1:])
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise DataError(f"{folder}: unreadable examples ({exc})") from None
-    if meta.get("vocab") != vocab:
-        raise DataError(f"{folder}: examples were cut with a {meta.get('vocab')}-token vocabulary, "
-                        f"this tokenizer has {vocab}")
+        data = {n: (folder / n).read_bytes() for n in _EXPORT_FILES[:2]}
+        changed = [n for n, b in data.items() if hashlib.sha1(b).hexdigest() != meta["sha1"][n]]
+        if changed:
+            raise DataError(f"{folder}: {', '.join(changed)} do(es) not match spec.json (a partial "
+                            "or mixed export?): write the folder again")
+        train, evals = ([Example(**row) for row in json.loads(data[n])] for n in _EXPORT_FILES[:2])
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
+        raise DataError(f"{folder}: unreadable examples ({exc!r})") from None
+    if meta.get("vocab") != len(tokenizer) or meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise DataError(f"{folder}: examples were cut with another tokenizer ({meta.get('vocab')} "
+                        f"tokens, fingerprint {meta.get('tokenizer')}); this one has "
+                        f"{len(tokenizer)} tokens, fingerprint {tokenizer_fingerprint(tokenizer)}")
     if len(train) != meta.get("train") or len(evals) != meta.get("eval") or not evals:
         raise DataError(f"{folder}: example counts do not match spec.json")
+    _check_rows(train, len(tokenizer), f"{folder}/train.json")
+    _check_rows(evals, len(tokenizer), f"{folder}/eval.json")
     return spec, train, evals

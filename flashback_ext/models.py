@@ -8,8 +8,10 @@ takes ~20 s, so the first load saves a plain Hugging Face folder under the cache
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -40,11 +42,27 @@ def _gguf_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+# bump when the conversion changes, so that older cached folders are converted again
+# (2: special tokens from the GGUF's metadata)
+_CONVERSION_VERSION = 2
+_STAMP = "flashback_conversion.json"
+
+
+def _converted_version(target: Path) -> int:
+    try:
+        return int(json.loads((target / _STAMP).read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def default_model_path() -> Path:
-    """The converted default model folder, converting from GGUF on first use."""
+    """The converted default model folder, converting from GGUF on first use (and again when
+    the cached folder predates the current conversion)."""
     target = cache_dir() / _CONVERTED_NAME
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+    if ((target / "config.json").exists() and (target / "tokenizer_config.json").exists()
+            and _converted_version(target) >= _CONVERSION_VERSION):
         return target
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,9 +76,19 @@ def default_model_path() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a half-written folder is never mistaken for a model
+    (tmp / _STAMP).write_text(json.dumps({"version": _CONVERSION_VERSION,
+                                          "transformers": transformers.__version__}))
+    if target.exists():  # an older conversion: set it aside, then drop it
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)  # atomic: a half-written folder is never mistaken for a model
     return target
 
 

@@ -163,6 +163,10 @@ def test_exported_examples_train_and_score_without_the_corpus(tiny_model_dir, tm
     meta = json.loads((folder / "spec.json").read_text())
     assert meta["spec"]["seed"] == 3 and meta["spec"]["budget"] == 64
     assert meta["train"] == len(json.loads((folder / "train.json").read_text())) > 0
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["examples", *model, *settings, "--out", str(tmp_path / "afile")]) == 2
+    assert "cannot write examples to" in capsys.readouterr().err
     built = tmp_path / "built.json"
     assert main(["eval", *model, *settings, "--rows", "N.,A.", "--json", str(built)]) == 0
     shutil.rmtree(docs)  # the exported folder must be all that is needed
@@ -178,20 +182,49 @@ def test_exported_examples_train_and_score_without_the_corpus(tiny_model_dir, tm
     assert info["examples"] == meta["train"] and info["examples_dir"] == str(folder)
     assert info["examples_spec"]["seed"] == 3
     capsys.readouterr()
-    # not an examples folder / examples cut with another vocabulary / --examples with `examples`
+    # a setting given beside --examples must agree with the folder's; --seed is the training seed
+    assert main(["eval", *model, "--examples", str(folder), "--budget", "64", "--rows", "N."]) == 0
+    capsys.readouterr()
+    assert main(["eval", *model, "--examples", str(folder), "--budget", "300"]) == 2
+    assert "drop --budget 300 (the folder has 64)" in capsys.readouterr().err
+    # not an examples folder; a file as --out
     assert main(["eval", *model, "--examples", str(tmp_path / "nothing")]) == 2
-    assert "is not an examples folder (missing spec.json" in capsys.readouterr().err
-    meta["vocab"] += 1
-    (folder / "spec.json").write_text(json.dumps(meta))
-    assert main(["train", *model, "--examples", str(folder), "--out", str(tmp_path / "x")]) == 2
-    assert "examples were cut with a" in capsys.readouterr().err
-    meta["vocab"] -= 1
-    meta["train"] += 1
-    (folder / "spec.json").write_text(json.dumps(meta))
-    assert main(["eval", *model, "--examples", str(folder)]) == 2
-    assert "example counts do not match" in capsys.readouterr().err
-    (folder / "train.json").write_text("[{")
-    assert main(["eval", *model, "--examples", str(folder)]) == 2
-    assert "unreadable examples" in capsys.readouterr().err
+    assert "is not an examples folder (missing train.json" in capsys.readouterr().err
     assert main(["examples", *model, "--examples", str(folder), "--out", str(tmp_path / "y")]) == 2
     assert "--examples reads them" in capsys.readouterr().err
+
+    def spec_edit(**changes):
+        meta = json.loads((folder / "spec.json").read_text())
+        (folder / "spec.json").write_text(json.dumps({**meta, **changes}))
+        return meta
+
+    # another tokenizer (same size, other vocabulary), or another size
+    meta = spec_edit(tokenizer="0" * 16)
+    assert main(["train", *model, "--examples", str(folder), "--out", str(tmp_path / "x")]) == 2
+    assert "examples were cut with another tokenizer" in capsys.readouterr().err
+    spec_edit(tokenizer=meta["tokenizer"], vocab=meta["vocab"] + 1)
+    assert main(["eval", *model, "--examples", str(folder)]) == 2
+    assert "examples were cut with another tokenizer" in capsys.readouterr().err
+    spec_edit(vocab=meta["vocab"], train=meta["train"] + 1)
+    assert main(["eval", *model, "--examples", str(folder)]) == 2
+    assert "example counts do not match" in capsys.readouterr().err
+    spec_edit(train=meta["train"])
+    assert main(["eval", *model, "--examples", str(folder), "--rows", "N."]) == 0  # restored
+    capsys.readouterr()
+    # a token id outside the vocabulary, with the hash updated to match
+    import hashlib
+
+    rows = json.loads((folder / "train.json").read_text())
+    rows[0]["tgt"][0] = meta["vocab"]
+    data = json.dumps(rows).encode()
+    (folder / "train.json").write_bytes(data)
+    spec_edit(sha1={**meta["sha1"], "train.json": hashlib.sha1(data).hexdigest()})
+    assert main(["eval", *model, "--examples", str(folder)]) == 2
+    assert "example 0 has no target or a token id outside" in capsys.readouterr().err
+    # a train.json from another export (or half written) no longer matches the sealed spec
+    spec_edit(sha1=meta["sha1"])
+    assert main(["eval", *model, "--examples", str(folder)]) == 2
+    assert "train.json do(es) not match spec.json" in capsys.readouterr().err
+    (folder / "spec.json").write_text("{")
+    assert main(["eval", *model, "--examples", str(folder)]) == 2
+    assert "unreadable examples" in capsys.readouterr().err

@@ -25,6 +25,7 @@ def test_special_tokens_follow_the_gguf(tmp_path):
     model = tiny_llama(vocab_size=len(tokenizer))
     # what transformers 5.17 read from SmolLM2's file: eos = bos, and no pad token
     tokenizer.eos_token, tokenizer.pad_token = tokenizer.convert_ids_to_tokens(1), None
+    tokenizer.bos_token = "<unk>"
     model.config.eos_token_id = model.generation_config.eos_token_id = 1
     found = align_special_tokens(tokenizer, model, write_gguf(tmp_path / "m.gguf", bos=1, eos=2, pad=2))
     assert found == {"bos": 1, "eos": 2, "pad": 2}
@@ -44,3 +45,45 @@ def test_missing_or_out_of_range_ids_are_left_alone(tmp_path):
                                  write_gguf(tmp_path / "m.gguf", eos=len(tokenizer) + 5))
     assert found == {}
     assert (tokenizer.eos_token, tokenizer.pad_token, model.config.eos_token_id) == before
+
+
+def test_default_conversion_applies_the_gguf_tokens_and_upgrades_old_caches(tmp_path, monkeypatch):
+    """`default_model_path` on a stand-in GGUF (tiny model, the 5.17 misreading of eos): the
+    saved folder has the file's eos/pad, a stamp, is reused, and an unstamped (older) cached
+    folder is converted again."""
+    import json
+
+    import transformers
+
+    from flashback_ext import models
+    from toys import tiny_hf_tokenizer
+
+    gguf_dir = tmp_path / "pkg"
+    gguf_dir.mkdir()
+    write_gguf(gguf_dir / models._GGUF_NAME, bos=1, eos=2, pad=2)
+    monkeypatch.setattr(models, "_gguf_folder", lambda: gguf_dir)
+    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path / "cache"))
+    conversions = []
+
+    def fake_tokenizer(folder, gguf_file=None, **kw):
+        tokenizer = tiny_hf_tokenizer()
+        tokenizer.eos_token, tokenizer.pad_token = "<pad>", None  # what 5.17 reads
+        return tokenizer
+
+    def fake_model(folder, gguf_file=None, **kw):
+        conversions.append(gguf_file)
+        return tiny_llama(vocab_size=len(tiny_hf_tokenizer()))
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    path = models.default_model_path()
+    saved = json.loads((path / "tokenizer_config.json").read_text())
+    assert (saved["eos_token"], saved["pad_token"]) == ("</s>", "</s>")
+    assert json.loads((path / "config.json").read_text())["eos_token_id"] == 2
+    assert json.loads((path / models._STAMP).read_text())["version"] == models._CONVERSION_VERSION
+    assert models.default_model_path() == path and len(conversions) == 1  # reused
+    (path / models._STAMP).unlink()  # a folder converted before the stamp existed
+    (path / "marker.txt").write_text("old")
+    assert models.default_model_path() == path and len(conversions) == 2
+    assert not (path / "marker.txt").exists() and (path / models._STAMP).exists()
+    assert not path.with_name(path.name + ".old").exists()
