@@ -13,8 +13,11 @@
 # Knobs: STEPS (fixed step count) or else TRAIN_S (training seconds, default 300) with a probe of
 # PROBE_STEPS (30) setting the count (at least MIN_STEPS, 100); TRAIN_TIMEOUT (TRAIN_S + 110, or
 # 480 with STEPS; keep the whole call under the device's 600 s),
-# BATCH (32), LR (1e-3), DEVICE (cuda), PYTHON (python3), SKIP_CUDA_TESTS=1, EXAMPLES_TAR (a
-# smaller examples archive for a dry run on the CPU). Output: $OUT (at most 8 files come back).
+# ADAPTERS (which of append_markers prepend append append_markers_mlr3e-3 to train; all four),
+# LORA_TARGETS (q_proj,k_proj,v_proj,o_proj), BATCH (32), LR (1e-3), DEVICE (cuda), PYTHON
+# (python3), SKIP_CUDA_TESTS=1, EXAMPLES_TAR (a smaller examples archive for a dry run on the
+# CPU). Output: $OUT (at most 8 files come back). A CPU dry run: DEVICE=cpu PYTHON=.venv/bin/python
+# SKIP_CUDA_TESTS=1 EXAMPLES_TAR=small.tar.xz STEPS=2 BATCH=2 TRAIN_TIMEOUT=300 (about 3 min).
 # Measured on an H200 (2026-11-28): four trainings at once, batch 32, ran 3.6-3.8 steps/s each;
 # the probe, run while the CUDA build and tests shared the machine, read 390-520 ms/step (about
 # 1.6x too slow), so prefer STEPS once the rate is known (1,100 steps took 290-305 s).
@@ -72,9 +75,13 @@ train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
   local pids=() spec name flags
   for spec in "${RECIPES[@]}"; do
     name="${spec%%:*}"; flags="${spec#*:}"
+    case " ${ADAPTERS:-append_markers prepend append append_markers_mlr3e-3} " in
+      *" $name "*) ;; *) continue ;;
+    esac
     # shellcheck disable=SC2086
     timeout "$4" "$PY" -m flashback_ext.cli train --examples "$EXAMPLES" --device "$DEVICE" \
       --steps "$1" --batch-size "$BATCH" --lr "$LR" --lora-r 16 --lora-alpha 32 --seed 0 \
+      --lora-targets "${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}" \
       --save-steps "$3" $flags --out "$2/$name" > "$WORK/logs/train_$(basename "$2")_$name.txt" 2>&1 &
     pids+=($!)
   done
