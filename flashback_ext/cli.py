@@ -422,7 +422,7 @@ def cmd_eval(args) -> int:
     """Perplexity table in the paper's settings for the base model and the given adapters."""
     import json
 
-    from .evaluate import PAPER_ROWS, markdown_table, perplexity, position_table
+    from .evaluate import PAPER_ROWS, markdown_table, perplexity, position_table, ratio_interval
     from .train import AdapterError, check_adapter_layout, load_adapter
 
     adapters = {}
@@ -469,11 +469,20 @@ def cmd_eval(args) -> int:
     table, places = markdown_table(rows), position_table(rows)
     print("\n" + table + "\n\nmean NLL by target place (0 = first token after the passage "
           "in the append rows):\n\n" + places)
+    by_name = {r["name"]: r for r in rows}
+    goal = None
+    if "A.+LoRA+M.T." in by_name and "P.+LoRA" in by_name:  # the paper's comparison
+        ratio, low, high = ratio_interval(by_name["A.+LoRA+M.T."], by_name["P.+LoRA"])
+        goal = {"ratio": ratio, "low": low, "high": high, "level": 0.95}
+        print(f"\nA.+LoRA+M.T. / P.+LoRA = {ratio:.3f} (95% paired bootstrap interval over the "
+              f"{len(evals)} held-out examples: {low:.3f}-{high:.3f})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows, "examples": len(evals),
                                                "adapters": adapters, "spec": spec.__dict__,
-                                               "table": table, "position_table": places}, indent=1))
+                                               "table": table, "position_table": places,
+                                               "append_markers_over_prepend_lora": goal},
+                                              indent=1))
     return 0
 
 

@@ -18,7 +18,7 @@ from .data import Collator, Example, target_token_nll
 from .marking import marker_ids
 
 __all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "markdown_table",
-           "position_table"]
+           "position_table", "ratio_interval"]
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,23 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
     # float64 sums per target place: where the loss sits (appending hurts the first tokens most)
     sums = torch.zeros(0, dtype=torch.float64)
     counts = torch.zeros(0, dtype=torch.float64)
+    # and per example, for paired comparisons of two settings (ratio_interval)
+    example_sums: list[float] = []
+    example_counts: list[int] = []
     for start in tqdm(range(0, len(examples), batch_size), desc=f"ppl {layout}",
                       disable=not progress):
-        batch = collate(examples[start:start + batch_size])
+        chunk = examples[start:start + batch_size]
+        batch = collate(chunk)
         keep = Collator.keep_logits(batch["labels"])
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device),
                        logits_to_keep=keep).logits
-        nll, index = target_token_nll(logits, batch["labels"][:, -keep:].to(device), ids or ())
+        labels = batch["labels"][:, -keep:]
+        nll, index = target_token_nll(logits, labels.to(device), ids or ())
+        rows = (labels[:, 1:] != -100).nonzero()[:, 0]  # the row of each nll entry (row-major)
+        example_sums += torch.zeros(len(chunk), dtype=torch.float64).index_add_(
+            0, rows, nll.detach().cpu().double()).tolist()
+        example_counts += torch.bincount(rows, minlength=len(chunk)).tolist()
         if nll.numel():
             width = max(len(sums), int(index.max()) + 1)
             sums = torch.nn.functional.pad(sums, (0, width - len(sums)))
@@ -71,7 +80,30 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
         raise ValueError("no target tokens to score")
     mean = float(sums.sum()) / count
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count,
-            "nll_by_position": (sums / counts).tolist()}
+            "nll_by_position": (sums / counts).tolist(),
+            "nll_sum_by_example": example_sums, "tokens_by_example": example_counts}
+
+
+def ratio_interval(row: dict, reference: dict, level: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """``(ratio, low, high)``: perplexity of ``row`` over that of ``reference`` (two results of
+    :func:`perplexity` on the same examples) with a paired bootstrap interval over the examples,
+    i.e. how much the ratio depends on which held-out examples were drawn."""
+    import random
+
+    a, b = row["nll_sum_by_example"], reference["nll_sum_by_example"]
+    n_a, n_b = row["tokens_by_example"], reference["tokens_by_example"]
+    if len(a) != len(b) or n_a != n_b or not a:
+        raise ValueError("the two results must score the same examples")
+
+    def ratio(idx) -> float:
+        tokens = sum(n_a[i] for i in idx)
+        return math.exp((sum(a[i] for i in idx) - sum(b[i] for i in idx)) / tokens)
+
+    rng = random.Random(seed)
+    draws = sorted(ratio([rng.randrange(len(a)) for _ in a]) for _ in range(resamples))
+    tail = int(resamples * (1 - level) / 2)
+    return ratio(range(len(a))), draws[tail], draws[resamples - 1 - tail]
 
 
 @torch.no_grad()

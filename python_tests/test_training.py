@@ -180,6 +180,9 @@ def test_perplexity_matches_hand_computation(model, tok):
     want = [(by_place[0] + short_places[0]) / 2, (by_place[1] + short_places[1]) / 2, by_place[2]]
     assert both["tokens"] == 5 and both["nll_by_position"] == pytest.approx(want, rel=1e-4)
     assert both["nll"] == pytest.approx((sum(by_place) + sum(short_places)) / 5, rel=1e-5)
+    # per example, in input order, for paired comparisons
+    assert both["tokens_by_example"] == [3, 2]
+    assert both["nll_sum_by_example"] == pytest.approx([sum(by_place), sum(short_places)], rel=1e-5)
     table = position_table([{"name": "A.", **both}], head=2)
     assert table.splitlines()[0] == "| setting | NLL @0 | NLL @1 | NLL @2-2 |"
     assert table.splitlines()[2].startswith(f"| A. | {want[0]:.3f} | {want[1]:.3f} | {want[2]:.3f} |")
@@ -409,3 +412,28 @@ def test_loss_is_scaled_back_up_when_counts_are_summed_over_processes(model, tok
             losses[world] = float(trainer.compute_loss(model, dict(batch),
                                                        num_items_in_batch=torch.tensor(16 * world)))
     assert losses[2] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_ratio_interval_is_paired_over_examples():
+    from flashback_ext.evaluate import ratio_interval
+
+    rng = __import__("random").Random(1)
+    tokens = [16] * 50 + [9] * 10
+    ref = {"nll_sum_by_example": [rng.uniform(20, 60) for _ in tokens], "tokens_by_example": tokens}
+    same = ratio_interval(ref, ref)
+    assert same == pytest.approx((1.0, 1.0, 1.0))
+    # every token 0.1 nats worse: the ratio is exp(0.1) whichever examples are drawn
+    shifted = {"nll_sum_by_example": [x + 0.1 * n for x, n in zip(ref["nll_sum_by_example"], tokens)],
+               "tokens_by_example": tokens}
+    assert ratio_interval(shifted, ref) == pytest.approx((math.exp(0.1),) * 3)
+    # noisy differences: the point estimate is the token-weighted one, inside a real interval
+    noisy = {"nll_sum_by_example": [x + rng.gauss(0.1 * n, 3) for x, n in
+                                    zip(ref["nll_sum_by_example"], tokens)],
+             "tokens_by_example": tokens}
+    ratio, low, high = ratio_interval(noisy, ref)
+    diff = sum(noisy["nll_sum_by_example"]) - sum(ref["nll_sum_by_example"])
+    assert ratio == pytest.approx(math.exp(diff / sum(tokens)))
+    assert low < ratio < high and high - low > 0.01
+    assert ratio_interval(noisy, ref, level=0.5)[1] > low  # a narrower level, a narrower interval
+    with pytest.raises(ValueError, match="same examples"):
+        ratio_interval(noisy, {"nll_sum_by_example": [1.0], "tokens_by_example": [16]})
