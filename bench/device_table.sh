@@ -71,11 +71,13 @@ RECIPES=("append_markers:--layout append --markers --marker-lr 1e-2"
          "prepend:--layout prepend --no-markers"
          "append:--layout append --no-markers"
          "append_markers_mlr3e-3:--layout append --markers --marker-lr 3e-3")
+ALL_NAMES="${RECIPES[*]%%:*}"
+NAMES="${ADAPTERS:-$ALL_NAMES}"  # the ones to train (ADAPTERS: a subset)
 train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
   local pids=() spec name flags
   for spec in "${RECIPES[@]}"; do
     name="${spec%%:*}"; flags="${spec#*:}"
-    case " ${ADAPTERS:-append_markers prepend append append_markers_mlr3e-3} " in
+    case " $NAMES " in
       *" $name "*) ;; *) continue ;;
     esac
     # shellcheck disable=SC2086
@@ -94,7 +96,7 @@ if [ -n "${STEPS:-}" ]; then
   STEPS_GIVEN=1
   echo "STEPS=$STEPS given: no probe"
 else
-step "probe: $PROBE_STEPS steps of all four at once"
+step "probe: $PROBE_STEPS steps of $NAMES at once"
 train_all "$PROBE_STEPS" "$WORK/probe" 100000 150 || { tail -30 "$WORK"/logs/train_probe_*; exit 1; }
 STEPS=$("$PY" - "$WORK/logs" "$PROBE_STEPS" "$TRAIN_S" "${MIN_STEPS:-100}" <<'EOF'
 import re, sys
@@ -113,7 +115,7 @@ print(f"probe: {', '.join(f'{x * 1000:.0f}' for x in per_step)} ms/step", file=s
 EOF
 ) || exit 1
 fi
-step "train all four for $STEPS steps x batch $BATCH (budget ${TRAIN_S} s)"
+step "train $NAMES for $STEPS steps x batch $BATCH (budget ${TRAIN_S} s)"
 # one checkpoint (the last): each holds the whole embedding and the optimizer state
 # a run cut off by its timeout leaves nothing to bring back (its one checkpoint comes at the end):
 # with STEPS, set TRAIN_TIMEOUT to fit them (default 480 s: ~1,500 steps at the H200 pace above)
@@ -122,8 +124,7 @@ train_all "$STEPS" "$RUNS" "$STEPS" "${TRAIN_TIMEOUT:-$DEFAULT_TIMEOUT}"; TRAIN_
 for f in "$WORK"/logs/train_runs_*; do echo "-- $f"; grep -E "train_loss|adapter saved|Error|error" "$f" | tail -3; done
 
 step "pack the adapters (final weights only, no optimizer state)"
-for name in append_markers prepend append append_markers_mlr3e-3; do
-  [ -d "$RUNS/$name" ] || continue
+for name in $NAMES; do
   # final adapter only (a cut-off run's checkpoints hold the whole embedding: too big to return)
   [ -f "$RUNS/$name/flashback_run.json" ] &&
     tar -czf "$OUT/adapter_$name.tar.gz" -C "$RUNS" --exclude="checkpoints" "$name"
@@ -146,7 +147,7 @@ if [ -n "${CUDA_JOB:-}" ]; then
   step "waiting for the CUDA build and tests"
   wait "$CUDA_JOB"; echo "device.sh exit $?"; tail -15 "$WORK/logs/cuda.txt"
 fi
-for name in append_markers prepend append append_markers_mlr3e-3; do
+for name in $NAMES; do
   [ -f "$RUNS/$name/flashback_run.json" ] && cp "$RUNS/$name/flashback_run.json" "$WORK/logs/run_$name.json"
   # the loss curve: the newest checkpoint's Trainer log
   last=$(find "$RUNS/$name/checkpoints" -maxdepth 1 -name "checkpoint-*" 2>/dev/null | sort -V | tail -1)

@@ -152,10 +152,11 @@ def load_exported_examples(folder: str | Path, tokenizer) -> tuple[ExampleSpec, 
         train, evals = ([Example(**row) for row in json.loads(data[n])] for n in _EXPORT_FILES[:2])
     except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
         raise DataError(f"{folder}: unreadable examples ({exc!r})") from None
-    if meta.get("vocab") != len(tokenizer) or meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if meta.get("vocab") != len(tokenizer) or meta.get("tokenizer") != fingerprint:
         raise DataError(f"{folder}: examples were cut with another tokenizer ({meta.get('vocab')} "
                         f"tokens, fingerprint {meta.get('tokenizer')}); this one has "
-                        f"{len(tokenizer)} tokens, fingerprint {tokenizer_fingerprint(tokenizer)}")
+                        f"{len(tokenizer)} tokens, fingerprint {fingerprint}")
     if len(train) != meta.get("train") or len(evals) != meta.get("eval") or not evals:
         raise DataError(f"{folder}: example counts do not match spec.json")
     _check_rows(train, len(tokenizer), f"{folder}/train.json")

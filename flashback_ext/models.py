@@ -81,14 +81,12 @@ def default_model_path() -> Path:
     tokenizer.save_pretrained(tmp)
     (tmp / _STAMP).write_text(json.dumps({"version": _CONVERSION_VERSION,
                                           "transformers": transformers.__version__}))
-    if target.exists():  # an older conversion: set it aside, then drop it
-        old = target.with_name(target.name + ".old")
+    old = target.with_name(target.name + ".old")
+    if target.exists():  # an older conversion: set it aside, dropped once the new one is in
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)  # atomic: a half-written folder is never mistaken for a model
+    tmp.rename(target)  # atomic: a half-written folder is never mistaken for a model
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 
