@@ -69,10 +69,25 @@ def _load(args):
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda but no CUDA device is visible")
+    device = _process_device(device, torch.cuda.is_available())
     try:
         return load_model(args.model, device=device)
     except (FileNotFoundError, OSError) as exc:
         raise CliError(str(exc).splitlines()[0]) from None
+
+
+def _process_device(device: Optional[str], cuda: bool) -> Optional[str]:
+    """Under ``torchrun``/``accelerate launch`` each process loads onto its own GPU (LOCAL_RANK);
+    plain ``cuda`` would put every process's copy of the model on GPU 0 first."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and cuda and device in (None, "cuda"):
+        return f"cuda:{int(local_rank)}"
+    return device
+
+
+def _is_main_process() -> bool:
+    """Rank 0, or not launched by ``torchrun``/``accelerate launch``: the process that reports."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _adapter_arg(p: argparse.ArgumentParser) -> None:
@@ -414,7 +429,8 @@ def cmd_train(args) -> int:
                                         "examples_dir": args.examples})
     except AdapterError as exc:
         raise CliError(str(exc)) from None
-    print(f"adapter saved to {out}")
+    if _is_main_process():  # only rank 0 wrote the adapter
+        print(f"adapter saved to {out}")
     return 0
 
 

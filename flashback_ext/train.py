@@ -192,7 +192,10 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
         lr_scheduler_type="cosine", warmup_steps=int(settings.warmup_ratio * settings.steps),
         logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
         seed=settings.seed, bf16=cuda, report_to=[], remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=False, use_cpu=not cuda)
+        dataloader_num_workers=0, disable_tqdm=False, use_cpu=not cuda,
+        # every trainable tensor (LoRA, marker rows) takes part in each step: under DDP this skips
+        # the extra search of the autograd graph for unused parameters
+        ddp_find_unused_parameters=False)
     trainer_cls = _trainer_class()
     trainer = trainer_cls(model=peft_model, args=args, train_dataset=_ListDataset(train_examples),
                           data_collator=Collator(settings.layout, markers,
@@ -212,6 +215,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
         info = {"settings": asdict(settings), "base": signature, "examples": len(train_examples),
                 "init_adapter": str(init_adapter) if init_adapter is not None else None,
                 "wall_s": wall, "train_loss": result.training_loss,
+                "processes": trainer.args.world_size,
                 "vocab_size": len(tokenizer), **(extra_info or {})}
         (out / RUN_FILE).write_text(json.dumps(info, indent=1))
     return out

@@ -228,3 +228,17 @@ def test_exported_examples_train_and_score_without_the_corpus(tiny_model_dir, tm
     (folder / "spec.json").write_text("{")
     assert main(["eval", *model, "--examples", str(folder)]) == 2
     assert "unreadable examples" in capsys.readouterr().err
+
+
+def test_each_launched_process_loads_onto_its_own_gpu(monkeypatch):
+    from flashback_ext.cli import _process_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _process_device(None, cuda=True) is None  # one process: the loader's own default
+    assert _process_device("cuda", cuda=True) == "cuda"
+    monkeypatch.setenv("LOCAL_RANK", "3")  # set by torchrun / accelerate launch
+    assert _process_device(None, cuda=True) == "cuda:3"
+    assert _process_device("cuda", cuda=True) == "cuda:3"
+    assert _process_device("cpu", cuda=True) == "cpu"
+    assert _process_device("cuda:1", cuda=True) == "cuda:1"  # the user's explicit choice stands
+    assert _process_device(None, cuda=False) is None

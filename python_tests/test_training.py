@@ -2,6 +2,7 @@
 on a tiny random Llama with a real (tiny) Hugging Face tokenizer."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -437,3 +438,33 @@ def test_ratio_interval_is_paired_over_examples():
     assert ratio_interval(noisy, ref, level=0.5)[1] > low  # a narrower level, a narrower interval
     with pytest.raises(ValueError, match="same examples"):
         ratio_interval(noisy, {"nll_sum_by_example": [1.0], "tokens_by_example": [16]})
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_two_processes_train_the_same_adapter_as_one(tmp_path, tied):
+    # the multi-GPU path for real, on CPU (gloo): torchrun with 2 processes x batch 2 must give the
+    # adapter and loss of one process x batch 4 (same examples per step, loss over their targets)
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    worker = str(Path(__file__).parent / "ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["tied"] if tied else []
+    runs = {"one": [sys.executable, worker, str(tmp_path / "one"), "4", "3", *extra],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", "2", worker, str(tmp_path / "two"), "2", "3", *extra]}
+    for name, cmd in runs.items():
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
+    info = {n: json.loads((tmp_path / n / "flashback_run.json").read_text()) for n in runs}
+    assert (info["one"]["processes"], info["two"]["processes"]) == (1, 2)
+    assert info["two"]["train_loss"] == pytest.approx(info["one"]["train_loss"], rel=1e-5)
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert sorted(one) == sorted(two) and any("trainable_tokens" in k for k in one)
+    for key in one:
+        assert float(one[key].abs().max()) > 0, f"{key} never trained"
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
