@@ -184,14 +184,22 @@ class _Retriever:
         return {}
 
 
+def _bm25s():
+    """``bm25s``, with its logger back to inheriting the application's level (bm25s pins it to
+    DEBUG on import, which prints its index-building notes under any configured root logger)."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
+    return bm25s
+
+
 class BM25Retriever(_Retriever):
     """Okapi BM25 over the passage texts (English stopwords, lowercase)."""
 
     kind = "bm25"
 
     def __init__(self, corpus: Corpus, index=None) -> None:
-        import bm25s
-
+        bm25s = _bm25s()
         super().__init__(corpus)
         if index is None:
             index = bm25s.BM25()
@@ -201,8 +209,7 @@ class BM25Retriever(_Retriever):
         self.index = index
 
     def _scores(self, queries, k):
-        import bm25s
-
+        bm25s = _bm25s()
         tokens = bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
         ids, scores = self.index.retrieve(tokens, k=k, show_progress=False)
         return np.asarray(ids), np.asarray(scores)
@@ -212,9 +219,7 @@ class BM25Retriever(_Retriever):
 
     @classmethod
     def _load(cls, folder: Path, corpus: Corpus, meta: dict) -> "BM25Retriever":
-        import bm25s
-
-        return cls(corpus, bm25s.BM25.load(folder / "bm25", show_progress=False))
+        return cls(corpus, _bm25s().BM25.load(folder / "bm25", show_progress=False))
 
 
 class DenseRetriever(_Retriever):

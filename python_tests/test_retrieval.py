@@ -113,3 +113,23 @@ def test_bad_search_arguments(corpus):
         BM25Retriever(corpus).search("x", k=0)
     with pytest.raises(ValueError, match="unknown retriever kind"):
         build_index(corpus, "tfidf")
+
+
+def test_bm25_index_building_is_quiet_under_an_application_logger(corpus):
+    # an application's root handler at the default WARNING level (as `flashback` sets up) must not
+    # print bm25s's DEBUG notes: bm25s pins its own logger to DEBUG on import
+    import logging
+
+    seen = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.emit = seen.append
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        BM25Retriever(corpus).search_batch(["python list"], k=1)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    assert not [r.getMessage() for r in seen if r.name.startswith("bm25s")]
