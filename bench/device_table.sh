@@ -14,6 +14,7 @@
 # PROBE_STEPS (30) setting the count (at least MIN_STEPS, 100); TRAIN_TIMEOUT (TRAIN_S + 110, or
 # 480 with STEPS; keep the whole call under the device's 600 s),
 # ADAPTERS (which of append_markers prepend append append_markers_mlr3e-3 to train; all four),
+# EVAL_EVERY (score the 200 held-out examples every N steps: the learning curve, in the logs),
 # LORA_TARGETS (q_proj,k_proj,v_proj,o_proj), BATCH (32), LR (1e-3), DEVICE (cuda), PYTHON
 # (python3), SKIP_CUDA_TESTS=1, EXAMPLES_TAR (a smaller examples archive for a dry run on the
 # CPU). Output: $OUT (at most 8 files come back). A CPU dry run: DEVICE=cpu PYTHON=.venv/bin/python
@@ -72,6 +73,7 @@ RECIPES=("append_markers:--layout append --markers --marker-lr 1e-2"
          "append:--layout append --no-markers"
          "append_markers_mlr3e-3:--layout append --markers --marker-lr 3e-3")
 ALL_NAMES="${RECIPES[*]%%:*}"
+CURVE_FLAGS=""  # the main training's --eval-every (EVAL_EVERY); the probe scores nothing
 NAMES="${ADAPTERS:-$ALL_NAMES}"  # the ones to train (ADAPTERS: a subset)
 train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
   local pids=() spec name flags
@@ -84,7 +86,7 @@ train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
     timeout "$4" "$PY" -m flashback_ext.cli train --examples "$EXAMPLES" --device "$DEVICE" \
       --steps "$1" --batch-size "$BATCH" --lr "$LR" --lora-r 16 --lora-alpha 32 --seed 0 \
       --lora-targets "${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}" \
-      --save-steps "$3" $flags --out "$2/$name" > "$WORK/logs/train_$(basename "$2")_$name.txt" 2>&1 &
+      --save-steps "$3" $flags $CURVE_FLAGS --out "$2/$name" > "$WORK/logs/train_$(basename "$2")_$name.txt" 2>&1 &
     pids+=($!)
   done
   local rc=0 pid
@@ -120,6 +122,7 @@ step "train $NAMES for $STEPS steps x batch $BATCH (budget ${TRAIN_S} s)"
 # a run cut off by its timeout leaves nothing to bring back (its one checkpoint comes at the end):
 # with STEPS, set TRAIN_TIMEOUT to fit them (default 480 s: ~1,500 steps at the H200 pace above)
 if [ -n "${STEPS_GIVEN:-}" ]; then DEFAULT_TIMEOUT=480; else DEFAULT_TIMEOUT=$((TRAIN_S + 110)); fi
+CURVE_FLAGS="${EVAL_EVERY:+--eval-every $EVAL_EVERY}"
 train_all "$STEPS" "$RUNS" "$STEPS" "${TRAIN_TIMEOUT:-$DEFAULT_TIMEOUT}"; TRAIN_RC=$?
 for f in "$WORK"/logs/train_runs_*; do echo "-- $f"; grep -E "train_loss|adapter saved|Error|error" "$f" | tail -3; done
 
@@ -152,6 +155,9 @@ for name in $NAMES; do
   # the loss curve: the newest checkpoint's Trainer log
   last=$(find "$RUNS/$name/checkpoints" -maxdepth 1 -name "checkpoint-*" 2>/dev/null | sort -V | tail -1)
   [ -n "$last" ] && cp "$last/trainer_state.json" "$WORK/logs/trainer_state_$name.json"
+  # the held-out learning curve (EVAL_EVERY), kept even when the run was cut off
+  [ -f "$RUNS/$name/checkpoints/held_out_curve.json" ] &&
+    cp "$RUNS/$name/checkpoints/held_out_curve.json" "$WORK/logs/held_out_curve_$name.json"
 done
 tar -czf "$OUT/table_logs.tar.gz" -C "$WORK" logs
 step "done in $(( $(date +%s) - T0 )) s, train rc $TRAIN_RC"

@@ -413,7 +413,7 @@ def cmd_train(args) -> int:
     from .train import AdapterError, TrainSettings, train_adapter
 
     model, tokenizer = _load(args)
-    spec, train, _ = _examples(args, tokenizer)
+    spec, train, evals = _examples(args, tokenizer)
     settings = TrainSettings(layout=args.layout,
                              markers=args.markers if args.markers is not None else args.layout == "append",
                              steps=args.steps, batch_size=args.batch_size,
@@ -421,10 +421,11 @@ def cmd_train(args) -> int:
                              target_modules=[m for m in args.lora_targets.split(",") if m],
                              lora_r=args.lora_r,
                              lora_alpha=args.lora_alpha, seed=args.seed,
-                             save_steps=args.save_steps)
+                             save_steps=args.save_steps, eval_every=args.eval_every or 0)
     try:
         out = train_adapter(model, tokenizer, train, args.out, settings=settings,
                             resume=args.resume, init_adapter=args.init_adapter,
+                            eval_examples=evals,
                             extra_info={"examples_spec": asdict(spec), "model": str(args.model),
                                         "examples_dir": args.examples})
     except AdapterError as exc:
@@ -552,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-r", type=int, default=16)
     train.add_argument("--lora-alpha", type=int, default=32)
     train.add_argument("--save-steps", type=int, default=100)
+    train.add_argument("--eval-every", type=int, default=None, metavar="N",
+                       help="score the held-out examples (the ones `flashback eval` uses, in this "
+                            "run's layout) every N steps and after the last: the learning curve "
+                            "goes to held_out_curve in flashback_run.json (default: never)")
     train.add_argument("--out", required=True, help="adapter output folder")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--init-adapter", default=None,
@@ -605,7 +610,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hf_logging.disable_progress_bar()
     for name in ("stride", "query_tokens", "passage_tokens", "k", "max_new_tokens", "steps",
                  "batch_size", "budget", "max_train_examples", "max_eval_examples", "grad_accum",
-                 "save_steps", "lora_r", "lora_alpha"):
+                 "save_steps", "lora_r", "lora_alpha", "eval_every"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"flashback: error: --{name.replace('_', '-')} must be >= 1, got {value}",

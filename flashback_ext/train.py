@@ -52,6 +52,9 @@ class TrainSettings:
     seed: int = 0
     save_steps: int = 100
     logging_steps: int = 10
+    # score the held-out examples every this many steps (and after the last), 0 = never: the
+    # learning curve of the metric the table reports, not of the training loss
+    eval_every: int = 0
 
 
 def _base_signature(model) -> dict:
@@ -121,6 +124,49 @@ def _trainer_class():
     return FlashBackTrainer
 
 
+CURVE_FILE = "held_out_curve.json"
+
+
+def _held_out_curve_callback(peft_model, tokenizer, examples: Sequence[Example],
+                             settings: TrainSettings, folder: Path):
+    """A ``TrainerCallback`` that scores ``examples`` with :func:`evaluate.perplexity` every
+    ``settings.eval_every`` steps and after the last one, on the main process only, and keeps the
+    points in ``folder/held_out_curve.json`` (a resumed run keeps those up to its checkpoint)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    from .evaluate import perplexity
+
+    class HeldOutCurve(TrainerCallback):
+        points: list[dict] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            path = folder / CURVE_FILE
+            old = json.loads(path.read_text()) if path.exists() else []
+            self.points = [p for p in old if p["step"] <= state.global_step]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if step % settings.eval_every and step != state.max_steps:
+                return
+            if not state.is_world_process_zero or any(p["step"] == step for p in self.points):
+                return
+            was_training = peft_model.training
+            peft_model.eval()
+            result = perplexity(peft_model, tokenizer, examples, settings.layout, settings.markers,
+                                progress=False)
+            peft_model.train(was_training)
+            self.points.append({"step": step, "perplexity": result["ppl"], "nll": result["nll"],
+                                "tokens": result["tokens"]})
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / CURVE_FILE).write_text(json.dumps(self.points, indent=1))
+            tqdm.write(f"step {step}: held-out perplexity {result['ppl']:.3f} "
+                       f"({len(examples)} examples, {settings.layout}"
+                       f"{' + markers' if settings.markers else ''})")
+
+    return HeldOutCurve()
+
+
 class _ListDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[Example]) -> None:
         self.items = list(items)
@@ -160,14 +206,16 @@ def _warm_start(model, init_adapter, settings: TrainSettings, examples_spec: Opt
 
 def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_dir, *,
                   settings: Optional[TrainSettings] = None, resume: bool = False,
-                  init_adapter=None, extra_info: Optional[dict] = None) -> Path:
+                  init_adapter=None, extra_info: Optional[dict] = None,
+                  eval_examples: Optional[Sequence[Example]] = None) -> Path:
     """Train a LoRA adapter (plus marker rows) and save it to ``output_dir``.
 
     Saves the adapter (``save_pretrained``), the tokenizer (with markers), and ``flashback_run.json``
     (settings, base model signature, wall time). ``resume=True`` continues from the newest
     checkpoint in ``output_dir``. ``init_adapter`` warm-starts from a saved adapter's LoRA weights
     and marker rows (a new run with its own schedule and examples; its tokenizer replaces
-    ``tokenizer``). Returns the output folder.
+    ``tokenizer``). With ``settings.eval_every`` the ``eval_examples`` are scored during training;
+    the points go to ``held_out_curve`` in the run file. Returns the output folder.
     """
     from transformers import TrainingArguments
 
@@ -176,6 +224,10 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
         raise ValueError(f"layout must be one of {LAYOUTS}, got {settings.layout!r}")
     if not train_examples:
         raise ValueError("no training examples")
+    if settings.eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0, got {settings.eval_every}")
+    if settings.eval_every and not eval_examples:
+        raise ValueError("eval_every needs held-out examples (eval_examples)")
     out = Path(output_dir)
     signature = _base_signature(model)
     if init_adapter is not None:
@@ -200,11 +252,18 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     trainer = trainer_cls(model=peft_model, args=args, train_dataset=_ListDataset(train_examples),
                           data_collator=Collator(settings.layout, markers,
                                                  tokenizer.pad_token_id or 0))
+    if settings.eval_every:
+        trainer.add_callback(_held_out_curve_callback(peft_model, tokenizer, eval_examples,
+                                                      settings, out / "checkpoints"))
     trainer.exclude_ids = tuple(marker_ids(tokenizer) or ())
     trainer.marker_lr = settings.marker_lr if settings.markers else None
-    has_ckpt = resume and any((out / "checkpoints").glob("checkpoint-*"))
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = None
+    if resume and (out / "checkpoints").is_dir():
+        last = get_last_checkpoint(str(out / "checkpoints"))
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
+    result = trainer.train(resume_from_checkpoint=last)
     wall = time.perf_counter() - start
     peft_model.eval()
     if trainer.is_world_process_zero():
@@ -216,9 +275,16 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
                 "init_adapter": str(init_adapter) if init_adapter is not None else None,
                 "wall_s": wall, "train_loss": result.training_loss,
                 "processes": trainer.args.world_size,
+                "resumed_from": Path(last).name if last else None,
+                "held_out_curve": _read_curve(out / "checkpoints") if settings.eval_every else [],
                 "vocab_size": len(tokenizer), **(extra_info or {})}
         (out / RUN_FILE).write_text(json.dumps(info, indent=1))
     return out
+
+
+def _read_curve(folder: Path) -> list:
+    path = folder / CURVE_FILE
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _run_info(folder: Path) -> dict:

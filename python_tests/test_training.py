@@ -468,3 +468,52 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, tied):
     for key in one:
         assert float(one[key].abs().max()) > 0, f"{key} never trained"
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_held_out_curve_is_the_evaluators_number_and_survives_a_resume(model, tok, setup, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=20, progress=False)
+    train, held = exs[:16], exs[16:]
+    settings = TrainSettings(steps=4, batch_size=4, lr=1e-2, save_steps=2, eval_every=2)
+    full = train_adapter(model, tok, train, tmp_path / "full", settings=settings, eval_examples=held)
+    curve = json.loads((full / "flashback_run.json").read_text())["held_out_curve"]
+    assert [p["step"] for p in curve] == [2, 4] and curve[0]["perplexity"] != curve[1]["perplexity"]
+    fresh = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32, heads=4, kv_heads=2)
+    loaded, tok2 = load_adapter(fresh, full)
+    want = perplexity(loaded, tok2, held, "append", markers=True, progress=False)["ppl"]
+    assert curve[-1]["perplexity"] == pytest.approx(want, rel=1e-6)
+
+    # stopped after the step-4 evaluation but before its checkpoint: --resume goes on from step 2,
+    # drops the later point and ends with the same adapter and curve as the run never stopped
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "checkpoints", cut / "checkpoints")
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
+    fresh_tok = tiny_hf_tokenizer()
+    fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    train_adapter(fresh, fresh_tok, train, cut, settings=settings, eval_examples=held, resume=True)
+    info = json.loads((cut / "flashback_run.json").read_text())
+    assert info["resumed_from"] == "checkpoint-2"
+    again = info["held_out_curve"]
+    assert [p["step"] for p in again] == [2, 4]
+    for a, b in zip(again, curve):
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
+    one = load_file(full / "adapter_model.safetensors")
+    two = load_file(cut / "adapter_model.safetensors")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_held_out_curve_bad_settings(model, tok, setup, tmp_path):
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=4, progress=False)
+    with pytest.raises(ValueError, match="eval_every needs held-out examples"):
+        train_adapter(model, tok, exs, tmp_path / "a", settings=TrainSettings(steps=1, eval_every=1))
+    with pytest.raises(ValueError, match="eval_every must be >= 0"):
+        train_adapter(model, tok, exs, tmp_path / "b", settings=TrainSettings(steps=1, eval_every=-1),
+                      eval_examples=exs)
