@@ -474,17 +474,28 @@ def test_held_out_curve_is_the_evaluators_number_and_survives_a_resume(model, to
     import shutil
 
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    # a base model loaded from a folder, as users do: peft's own save default would then store the
+    # whole resized embedding in every checkpoint
+    model.save_pretrained(tmp_path / "base")
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
 
     docs, retriever = setup
     exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
                          budget=64, max_examples=20, progress=False)
     train, held = exs[:16], exs[16:]
     settings = TrainSettings(steps=4, batch_size=4, lr=1e-2, save_steps=2, eval_every=2)
-    full = train_adapter(model, tok, train, tmp_path / "full", settings=settings, eval_examples=held)
+    full = train_adapter(base(), tok, train, tmp_path / "full", settings=settings, eval_examples=held)
     curve = json.loads((full / "flashback_run.json").read_text())["held_out_curve"]
     assert [p["step"] for p in curve] == [2, 4] and curve[0]["perplexity"] != curve[1]["perplexity"]
-    fresh = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32, heads=4, kv_heads=2)
-    loaded, tok2 = load_adapter(fresh, full)
+    # checkpoints hold only what trains, not the whole (resized) embedding
+    saved = load_file(full / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    assert any("trainable_tokens" in k for k in saved)
+    assert not [k for k in saved if "embed_tokens.weight" in k or "lm_head" in k]
+    loaded, tok2 = load_adapter(base(), full)
     want = perplexity(loaded, tok2, held, "append", markers=True, progress=False)["ppl"]
     assert curve[-1]["perplexity"] == pytest.approx(want, rel=1e-6)
 
@@ -493,9 +504,8 @@ def test_held_out_curve_is_the_evaluators_number_and_survives_a_resume(model, to
     cut = tmp_path / "cut"
     shutil.copytree(full / "checkpoints", cut / "checkpoints")
     shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
-    fresh_tok = tiny_hf_tokenizer()
-    fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
-    train_adapter(fresh, fresh_tok, train, cut, settings=settings, eval_examples=held, resume=True)
+    train_adapter(base(), tiny_hf_tokenizer(), train, cut, settings=settings, eval_examples=held,
+                  resume=True)
     info = json.loads((cut / "flashback_run.json").read_text())
     assert info["resumed_from"] == "checkpoint-2"
     again = info["held_out_curve"]
