@@ -118,8 +118,8 @@ EOF
 ) || exit 1
 fi
 step "train $NAMES for $STEPS steps x batch $BATCH (budget ${TRAIN_S} s)"
-# one checkpoint (the last): each holds the whole embedding and the optimizer state
-# a run cut off by its timeout leaves nothing to bring back (its one checkpoint comes at the end):
+# one checkpoint (the last; ~22 MB with the optimizer state): a run cut off by its timeout leaves
+# no adapter to bring back, only its EVAL_EVERY curve:
 # with STEPS, set TRAIN_TIMEOUT to fit them (default 480 s: ~1,500 steps at the H200 pace above)
 if [ -n "${STEPS_GIVEN:-}" ]; then DEFAULT_TIMEOUT=480; else DEFAULT_TIMEOUT=$((TRAIN_S + 110)); fi
 CURVE_FLAGS="${EVAL_EVERY:+--eval-every $EVAL_EVERY}"
@@ -128,7 +128,7 @@ for f in "$WORK"/logs/train_runs_*; do echo "-- $f"; grep -E "train_loss|adapter
 
 step "pack the adapters (final weights only, no optimizer state)"
 for name in $NAMES; do
-  # final adapter only (a cut-off run's checkpoints hold the whole embedding: too big to return)
+  # the final adapter only, without the checkpoint (optimizer state)
   [ -f "$RUNS/$name/flashback_run.json" ] &&
     tar -czf "$OUT/adapter_$name.tar.gz" -C "$RUNS" --exclude="checkpoints" "$name"
 done
