@@ -35,6 +35,9 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+DEFAULT_PASSAGE_TOKENS = 128
+
+
 # ------------------------------------------------------------------------------------ shared
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
@@ -53,7 +56,9 @@ def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=16, help="generated tokens between retrievals")
     p.add_argument("--query-tokens", type=int, default=32)
-    p.add_argument("--passage-tokens", type=int, default=128)
+    p.add_argument("--passage-tokens", type=int, default=None,
+                   help="tokens kept of each passage (default: the length the append adapter was "
+                        f"trained on, else {DEFAULT_PASSAGE_TOKENS})")
     p.add_argument("--k", type=int, default=1, help="passages per retrieval")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--no-markers", action="store_true", help="never wrap passages in markers")
@@ -96,15 +101,41 @@ def _adapter_arg(p: argparse.ArgumentParser) -> None:
                         "adapter shipped for the default model, when there is one)")
 
 
-def _append_model(args, model, tokenizer):
-    """``(model, tokenizer, description)`` for append mode: the adapter merged in, if any."""
+def _adapter_path(args) -> Optional[Path]:
+    """The append-mode adapter: ``--adapter``, or for 'auto' the one shipped for the default model."""
     from .models import DEFAULT_MODEL, default_adapter_path
-    from .train import AdapterError, load_adapter
 
     path = args.adapter
     if path == "auto":
         path = default_adapter_path() if str(args.model) == DEFAULT_MODEL else None
-    if path in (None, "none"):
+    return None if path in (None, "none") else Path(path)
+
+
+def _settle_passage_tokens(args, adapter: Optional[Path]) -> None:
+    """``--passage-tokens`` defaults to the passage length the adapter was trained on: it learned
+    to resume the context after passages that long (the shipped adapter, trained on 64, answers
+    the demo's questions with garbled text after 128-token passages)."""
+    from .train import AdapterError, run_info
+
+    trained = None
+    if adapter is not None:
+        try:
+            trained = (run_info(adapter).get("examples_spec") or {}).get("passage_tokens")
+        except AdapterError:
+            pass  # loading the adapter reports it
+    if args.passage_tokens is None:
+        args.passage_tokens = trained or DEFAULT_PASSAGE_TOKENS
+    elif trained and args.passage_tokens != trained:
+        print(f"note: the adapter was trained on {trained}-token passages; --passage-tokens "
+              f"{args.passage_tokens} is outside what it learned", file=sys.stderr)
+
+
+def _append_model(args, model, tokenizer):
+    """``(model, tokenizer, description)`` for append mode: the adapter merged in, if any."""
+    from .train import AdapterError, load_adapter
+
+    path = _adapter_path(args)
+    if path is None:
         return model, tokenizer, "no adapter"
     fresh, _ = _load(args)
     try:
@@ -187,10 +218,12 @@ def cmd_demo(args) -> int:
     """Answer a few Python questions with retrieval, append vs prepend, and time both."""
     t0 = time.perf_counter()
     model, tokenizer = _load(args)
+    _settle_passage_tokens(args, _adapter_path(args))
     retriever = _retriever(args, tokenizer)
     tuned, tuned_tok, adapter_note = _append_model(args, model, tokenizer)
     print(f"model {args.model} ({model.config.num_hidden_layers} layers, {_describe_device(model)}); "
-          f"corpus: {len(retriever.corpus)} passages ({args.retriever}); append mode: "
+          f"corpus: {len(retriever.corpus)} passages ({args.retriever}, <= {args.passage_tokens} "
+          f"tokens each); append mode: "
           f"{adapter_note}; setup {time.perf_counter() - t0:.1f} s")
     questions = args.question or DEMO_QUESTIONS
     prompts = [as_prompt(tokenizer, q) for q in questions]
@@ -259,8 +292,10 @@ def cmd_generate(args) -> int:
     if not args.prompt:
         raise CliError("give at least one --prompt")
     model, tokenizer = _load(args)
+    adapted = args.mode == "append" or args.adapter not in ("auto", "none")
+    _settle_passage_tokens(args, _adapter_path(args) if adapted else None)
     retriever = None if args.mode == "none" else _retriever(args, tokenizer)
-    if args.mode == "append" or args.adapter not in ("auto", "none"):
+    if adapted:
         model, tokenizer, _ = _append_model(args, model, tokenizer)
     gen = _generator(args, model, tokenizer, retriever, args.mode)
     prompts = [as_prompt(tokenizer, p) for p in args.prompt] if args.chat else args.prompt
@@ -585,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     isub = index.add_subparsers(dest="action", required=True)
     build = isub.add_parser("build", help="index a corpus")
     build.add_argument("--model", default="default", help="whose tokenizer cuts the passages")
-    build.add_argument("--passage-tokens", type=int, default=128)
+    build.add_argument("--passage-tokens", type=int, default=DEFAULT_PASSAGE_TOKENS)
     build.add_argument("--out", default=None, help="save the index here (else the cache dir)")
     _add_retrieval_args(build)
     build.set_defaults(func=cmd_index)

@@ -22,8 +22,8 @@ import torch
 from .data import Collator, Example, LAYOUTS, target_nll
 from .marking import add_marking_tokens, marker_ids
 
-__all__ = ["TrainSettings", "train_adapter", "load_adapter", "check_adapter_layout", "AdapterError",
-           "RUN_FILE"]
+__all__ = ["TrainSettings", "train_adapter", "load_adapter", "check_adapter_layout", "run_info",
+           "AdapterError", "RUN_FILE"]
 
 logger = logging.getLogger(__name__)
 RUN_FILE = "flashback_run.json"
@@ -298,8 +298,10 @@ def _read_curve(folder: Path) -> list:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def _run_info(folder: Path) -> dict:
-    """The adapter folder's ``flashback_run.json``, checked for the fields loading relies on."""
+def run_info(folder) -> dict:
+    """The adapter folder's ``flashback_run.json`` (settings, base model, example spec, curve),
+    checked for the fields loading relies on."""
+    folder = Path(folder).expanduser()
     run_file = folder / RUN_FILE
     if not run_file.exists() or not (folder / "adapter_config.json").exists():
         raise AdapterError(f"no FlashBack adapter at {folder} ({RUN_FILE} or adapter_config.json "
@@ -315,7 +317,7 @@ def _run_info(folder: Path) -> dict:
 def check_adapter_layout(adapter_dir, layout: str, markers: bool, user: str) -> dict:
     """Raise :class:`AdapterError` unless the adapter was trained with ``layout`` and ``markers``
     (``user`` names who needs them in the message); returns its run info."""
-    info = _run_info(Path(adapter_dir).expanduser())
+    info = run_info(Path(adapter_dir).expanduser())
     trained = (info["settings"]["layout"], bool(info["settings"]["markers"]))
     if trained != (layout, markers):
         raise AdapterError(f"adapter {adapter_dir} was trained with layout {trained[0]!r}, "
@@ -338,7 +340,7 @@ def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False, traina
     if merge and trainable:
         raise ValueError("merge=True folds the adapter away; it cannot also stay trainable")
     folder = Path(adapter_dir).expanduser()
-    info = _run_info(folder)
+    info = run_info(folder)
     mine = _base_signature(model)
     theirs = info.get("base", {})
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):

@@ -36,6 +36,7 @@ def test_demo_runs_on_tiny_model(tiny_model_dir, corpus_dir, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "append is" in out and "per retrieval block" in out and "passages from:" in out
+    assert "<= 128 tokens each); append mode: no adapter" in out  # no adapter: the default length
 
 
 def test_generate_and_index_commands(tiny_model_dir, corpus_dir, tmp_path, capsys):
@@ -140,6 +141,16 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     # an append+markers adapter cannot fill the A.+LoRA (no markers) row
     assert main(["eval", *common, "--adapter", f"append={out}"]) == 2
     assert "needs 'append', markers False" in capsys.readouterr().err
+    # generation reads passages as long as the adapter was trained on (16 here), unless told
+    demo = ["demo", "--model", str(tiny_model_dir), "--corpus", str(docs), "--device", "cpu",
+            "--adapter", str(out), "--max-new-tokens", "4", "--stride", "2", "--long-context", "0",
+            "--question", "what does yield do ?"]
+    assert main(demo) == 0
+    assert "<= 16 tokens each); append mode: FlashBack adapter" in capsys.readouterr().out
+    assert main([*demo, "--passage-tokens", "20"]) == 0
+    got = capsys.readouterr()
+    assert "<= 20 tokens each)" in got.out
+    assert "trained on 16-token passages; --passage-tokens 20 is outside" in got.err
 
 
 def test_exported_examples_train_and_score_without_the_corpus(tiny_model_dir, tmp_path, capsys):
