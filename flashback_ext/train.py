@@ -8,6 +8,7 @@ The official code unfroze "the last two embedding rows", which for OPT are not t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -79,11 +80,20 @@ def _lora_model(model, tokenizer, settings: TrainSettings):
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
                         lora_dropout=settings.lora_dropout, target_modules=settings.target_modules,
                         task_type="CAUSAL_LM", **kwargs)
-    with warnings.catch_warnings():
-        # peft says ensure_weight_tying found no tied module among the LoRA targets; it does tie
-        # the marker rows it trains (test_warm_start_with_tied_embeddings_trains_one_shared_marker_row)
-        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
+    with _quiet_peft():
         return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """Two warnings peft raises on every load that tell users nothing they can act on: that
+    ``ensure_weight_tying`` found no tied module among the LoRA targets (it does tie the marker
+    rows it trains: test_warm_start_with_tied_embeddings_trains_one_shared_marker_row), and
+    transformers' deprecation of ``is_gradient_checkpointing``, which peft still calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
+        yield
 
 
 def _trainer_class():
@@ -350,7 +360,8 @@ def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False, traina
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if info["settings"].get("markers"):
         add_marking_tokens(model, tokenizer)
-    peft_model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+    with _quiet_peft():
+        peft_model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
     if trainable:
         return peft_model.train(), tokenizer
     if merge:
