@@ -14,7 +14,8 @@
 # PROBE_STEPS (30) setting the count (at least MIN_STEPS, 100); TRAIN_TIMEOUT (TRAIN_S + 110, or
 # 480 with STEPS; keep the whole call under the device's 600 s),
 # ADAPTERS (which of append_markers prepend append append_markers_mlr3e-3 to train; all four),
-# EVAL_EVERY (score the 200 held-out examples every N steps: the learning curve, in the logs),
+# EVAL_EVERY (score the 200 held-out examples every N steps: the learning curve, in the logs;
+# only with STEPS and a TRAIN_TIMEOUT that covers the scoring: the probe does not time it),
 # LORA_TARGETS (q_proj,k_proj,v_proj,o_proj), BATCH (32), LR (1e-3), DEVICE (cuda), PYTHON
 # (python3), SKIP_CUDA_TESTS=1, EXAMPLES_TAR (a smaller examples archive for a dry run on the
 # CPU). Output: $OUT (at most 8 files come back). A CPU dry run: DEVICE=cpu PYTHON=.venv/bin/python
@@ -94,6 +95,9 @@ train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
   return $rc
 }
 
+if [ -n "${EVAL_EVERY:-}" ] && [ -z "${STEPS:-}" ]; then
+  echo "EVAL_EVERY needs STEPS (the probe does not time the scoring)"; exit 2
+fi
 if [ -n "${STEPS:-}" ]; then
   STEPS_GIVEN=1
   echo "STEPS=$STEPS given: no probe"

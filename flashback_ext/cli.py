@@ -463,8 +463,8 @@ def cmd_train(args) -> int:
                             eval_examples=evals,
                             extra_info={"examples_spec": asdict(spec), "model": str(args.model),
                                         "examples_dir": args.examples})
-    except AdapterError as exc:
-        raise CliError(str(exc)) from None
+    except (AdapterError, ValueError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
     if _is_main_process():  # only rank 0 wrote the adapter
         print(f"adapter saved to {out}")
     return 0

@@ -7,6 +7,7 @@ token ids) and the retriever's own files (``bm25/`` or ``dense.faiss``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -184,9 +185,11 @@ class _Retriever:
         return {}
 
 
+@functools.cache
 def _bm25s():
-    """``bm25s``, with its logger back to inheriting the application's level (bm25s pins it to
-    DEBUG on import, which prints its index-building notes under any configured root logger)."""
+    """``bm25s``, its logger set back once to inheriting the application's level (bm25s pins it
+    to DEBUG on import, which prints its index-building notes under any configured root logger;
+    once, so that a user's own later setting stands)."""
     import bm25s
 
     logging.getLogger("bm25s").setLevel(logging.NOTSET)

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +29,8 @@ __all__ = ["TrainSettings", "train_adapter", "load_adapter", "check_adapter_layo
 
 logger = logging.getLogger(__name__)
 RUN_FILE = "flashback_run.json"
+# the held-out learning curve (--eval-every), next to the checkpoints so that --resume finds it
+CURVE_FILE = "held_out_curve.json"
 # peft names the trainable marker rows of the embedding with this (TrainableTokensLayer)
 MARKER_PARAM = "trainable_tokens_delta"
 
@@ -91,7 +94,7 @@ def _quiet_peft():
     rows it trains: test_warm_start_with_tied_embeddings_trains_one_shared_marker_row), and
     transformers' deprecation of ``is_gradient_checkpointing``, which peft still calls."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
+        warnings.filterwarnings("ignore", message=".*requested `ensure_weight_tying`, but no tied modules are added")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
         yield
 
@@ -140,9 +143,6 @@ def _trainer_class():
     return FlashBackTrainer
 
 
-CURVE_FILE = "held_out_curve.json"
-
-
 def _held_out_curve_callback(peft_model, tokenizer, examples: Sequence[Example],
                              settings: TrainSettings, folder: Path):
     """A ``TrainerCallback`` that scores ``examples`` with :func:`evaluate.perplexity` every
@@ -154,28 +154,34 @@ def _held_out_curve_callback(peft_model, tokenizer, examples: Sequence[Example],
     from .evaluate import perplexity
 
     class HeldOutCurve(TrainerCallback):
-        points: list[dict] = []
+        def __init__(self) -> None:
+            self.points: list[dict] = []
+            self.seconds = 0.0  # spent scoring, reported apart from the training time
 
         def on_train_begin(self, args, state, control, **kwargs):
-            path = folder / CURVE_FILE
-            old = json.loads(path.read_text()) if path.exists() else []
-            self.points = [p for p in old if p["step"] <= state.global_step]
+            # a resumed run re-scores every step after its checkpoint
+            self.points = [p for p in _read_curve(folder) if p["step"] <= state.global_step]
 
         def on_step_end(self, args, state, control, **kwargs):
             step = state.global_step
             if step % settings.eval_every and step != state.max_steps:
                 return
-            if not state.is_world_process_zero or any(p["step"] == step for p in self.points):
+            if not state.is_world_process_zero:
                 return
+            start = time.perf_counter()
             was_training = peft_model.training
             peft_model.eval()
             result = perplexity(peft_model, tokenizer, examples, settings.layout, settings.markers,
                                 progress=False)
             peft_model.train(was_training)
+            self.seconds += time.perf_counter() - start
             self.points.append({"step": step, "perplexity": result["ppl"], "nll": result["nll"],
                                 "tokens": result["tokens"]})
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / CURVE_FILE).write_text(json.dumps(self.points, indent=1))
+            # whole or not at all: a run killed mid-write must not break the next --resume
+            tmp = folder / (CURVE_FILE + ".tmp")
+            tmp.write_text(json.dumps(self.points, indent=1))
+            os.replace(tmp, folder / CURVE_FILE)
             tqdm.write(f"step {step}: held-out perplexity {result['ppl']:.3f} "
                        f"({len(examples)} examples, {settings.layout}"
                        f"{' + markers' if settings.markers else ''})")
@@ -273,9 +279,11 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     trainer = trainer_cls(model=peft_model, args=args, train_dataset=_ListDataset(train_examples),
                           data_collator=Collator(settings.layout, markers,
                                                  tokenizer.pad_token_id or 0))
+    curve = None
     if settings.eval_every:
-        trainer.add_callback(_held_out_curve_callback(peft_model, tokenizer, eval_examples,
-                                                      settings, out / "checkpoints"))
+        curve = _held_out_curve_callback(peft_model, tokenizer, eval_examples, settings,
+                                         out / "checkpoints")
+        trainer.add_callback(curve)
     trainer.exclude_ids = tuple(marker_ids(tokenizer) or ())
     trainer.marker_lr = settings.marker_lr if settings.markers else None
     from transformers.trainer_utils import get_last_checkpoint
@@ -295,6 +303,8 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
         info = {"settings": asdict(settings), "base": signature, "examples": len(train_examples),
                 "init_adapter": str(init_adapter) if init_adapter is not None else None,
                 "wall_s": wall, "train_loss": result.training_loss,
+                # of wall_s, the held-out scoring (--eval-every)
+                "eval_s": curve.seconds if curve is not None else 0.0,
                 "processes": trainer.args.world_size,
                 "resumed_from": Path(last).name if last else None,
                 "held_out_curve": _read_curve(out / "checkpoints") if settings.eval_every else [],
@@ -305,7 +315,14 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
 
 def _read_curve(folder: Path) -> list:
     path = folder / CURVE_FILE
-    return json.loads(path.read_text()) if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        points = json.loads(path.read_text())
+        return [p for p in points if isinstance(p.get("step"), int)]
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        logger.warning("ignoring the unreadable held-out curve %s", path)
+        return []
 
 
 def run_info(folder) -> dict:
@@ -327,7 +344,7 @@ def run_info(folder) -> dict:
 def check_adapter_layout(adapter_dir, layout: str, markers: bool, user: str) -> dict:
     """Raise :class:`AdapterError` unless the adapter was trained with ``layout`` and ``markers``
     (``user`` names who needs them in the message); returns its run info."""
-    info = run_info(Path(adapter_dir).expanduser())
+    info = run_info(adapter_dir)
     trained = (info["settings"]["layout"], bool(info["settings"]["markers"]))
     if trained != (layout, markers):
         raise AdapterError(f"adapter {adapter_dir} was trained with layout {trained[0]!r}, "

@@ -107,8 +107,12 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
               "--budget", "64", "--passage-tokens", "16", "--stride", "8", "--query-tokens", "6",
               "--max-train-examples", "16", "--max-eval-examples", "8", "--eval-fraction", "0.25"]
     out = tmp_path / "adapter"
-    assert main(["train", *common, "--steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    assert main(["train", *common, "--steps", "2", "--batch-size", "4", "--out", str(out),
+                 "--eval-every", "1"]) == 0
     assert (out / "flashback_run.json").exists() and (out / "adapter_config.json").exists()
+    curve = __import__("json").loads((out / "flashback_run.json").read_text())["held_out_curve"]
+    assert [p["step"] for p in curve] == [1, 2] and all(p["tokens"] > 0 for p in curve)
+    assert "step 2: held-out perplexity" in capsys.readouterr().out
     # warm start from it; a prepend run cannot start from an append+markers adapter
     warm = tmp_path / "warm"
     assert main(["train", *common, "--steps", "1", "--batch-size", "4", "--out", str(warm),

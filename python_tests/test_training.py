@@ -504,18 +504,29 @@ def test_held_out_curve_is_the_evaluators_number_and_survives_a_resume(model, to
     cut = tmp_path / "cut"
     shutil.copytree(full / "checkpoints", cut / "checkpoints")
     shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
+    stale = json.loads((cut / "checkpoints" / "held_out_curve.json").read_text())
+    stale[-1]["perplexity"] = -1.0  # the point after the checkpoint must be scored again
+    (cut / "checkpoints" / "held_out_curve.json").write_text(json.dumps(stale))
     train_adapter(base(), tiny_hf_tokenizer(), train, cut, settings=settings, eval_examples=held,
                   resume=True)
     info = json.loads((cut / "flashback_run.json").read_text())
     assert info["resumed_from"] == "checkpoint-2"
     again = info["held_out_curve"]
-    assert [p["step"] for p in again] == [2, 4]
+    assert [p["step"] for p in again] == [2, 4] and again[-1]["perplexity"] > 0
     for a, b in zip(again, curve):
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
     one = load_file(full / "adapter_model.safetensors")
     two = load_file(cut / "adapter_model.safetensors")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_an_unreadable_curve_file_is_ignored(tmp_path, caplog):
+    from flashback_ext.train import CURVE_FILE, _read_curve
+
+    (tmp_path / CURVE_FILE).write_text('[{"step": 2, "perplex')  # cut off mid-write
+    assert _read_curve(tmp_path) == []
+    assert "unreadable held-out curve" in caplog.text
 
 
 def test_held_out_curve_bad_settings(model, tok, setup, tmp_path):
