@@ -18,10 +18,13 @@ mv .gpu/model.part_aa .gpu/a/ && mv .gpu/model.part_ab .gpu/b/
   --implementation cp --platform manylinux2014_x86_64 -d .gpu/b/whl \
   "gguf==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
 EX="$(mktemp -d)"
-# the settings of docs/RESULTS.md runs 2-5 (same 200 held-out examples), two target phases
+# the settings of docs/RESULTS.md runs 2-5 (same 200 held-out examples), two target phases;
+# EXAMPLE_FLAGS adds training-side options (e.g. "--train-min-passage-tokens 16"), which leave
+# the held-out examples as they are
+# shellcheck disable=SC2086
 .venv/bin/flashback examples --corpus python-docs --budget 256 --passage-tokens 64 --stride 16 \
   --query-tokens 32 --eval-fraction 0.1 --max-train-examples 60000 --max-eval-examples 200 \
-  --seed 0 --train-target-phases 2 --out "$EX"
+  --seed 0 --train-target-phases 2 ${EXAMPLE_FLAGS:-} --out "$EX"
 tar -C "$EX" -cf - spec.json train.json eval.json | xz -T2 -6 > .gpu/b/examples.tar.xz
 rm -rf "$EX"
 du -sh .gpu/a .gpu/b

@@ -113,20 +113,24 @@ def _adapter_path(args) -> Optional[Path]:
 
 def _settle_passage_tokens(args, adapter: Optional[Path]) -> None:
     """``--passage-tokens`` defaults to the passage length the adapter was trained on: it learned
-    to resume the context after passages that long (the shipped adapter, trained on 64, answers
-    the demo's questions with garbled text after 128-token passages)."""
+    to resume the context after passages that long (the shipped adapter, trained on 64, scores
+    2.1x the no-retrieval perplexity after 128-token passages: docs/RESULTS.md)."""
     from .train import AdapterError, run_info
 
-    trained = None
+    spec: dict = {}
     if adapter is not None:
         try:
-            trained = (run_info(adapter).get("examples_spec") or {}).get("passage_tokens")
+            spec = run_info(adapter).get("examples_spec") or {}
         except AdapterError:
             pass  # loading the adapter reports it
+    longest = spec.get("passage_tokens")
+    # full-length passages, unless it trained on random lengths (--train-min-passage-tokens)
+    shortest = spec.get("train_min_passage_tokens") or longest
     if args.passage_tokens is None:
-        args.passage_tokens = trained or DEFAULT_PASSAGE_TOKENS
-    elif trained and args.passage_tokens != trained:
-        print(f"note: the adapter was trained on {trained}-token passages; --passage-tokens "
+        args.passage_tokens = longest or DEFAULT_PASSAGE_TOKENS
+    elif longest and not shortest <= args.passage_tokens <= longest:
+        learned = f"{longest}" if shortest == longest else f"{shortest}-{longest}"
+        print(f"note: the adapter was trained on {learned}-token passages; --passage-tokens "
               f"{args.passage_tokens} is outside what it learned", file=sys.stderr)
 
 
@@ -360,10 +364,11 @@ def cmd_index(args) -> int:
 _SPEC_OPTIONS = {"corpus": "corpus", "stride": "stride", "query_tokens": "query_tokens",
                  "passage_tokens": "passage_tokens", "budget": "budget",
                  "eval_fraction": "eval_fraction", "max_train_examples": "max_train",
-                 "max_eval_examples": "max_eval", "train_target_phases": "train_target_phases"}
+                 "max_eval_examples": "max_eval", "train_target_phases": "train_target_phases",
+                 "train_min_passage_tokens": "train_min_passage_tokens"}
 _SPEC_DEFAULTS = {"corpus": "python-docs", "stride": 16, "query_tokens": 32, "passage_tokens": 128,
                   "budget": 512, "eval_fraction": 0.1, "max_train_examples": 2000,
-                  "max_eval_examples": 200, "train_target_phases": 1}
+                  "max_eval_examples": 200, "train_target_phases": 1, "train_min_passage_tokens": 0}
 
 
 def _add_example_args(p: argparse.ArgumentParser) -> None:
@@ -385,6 +390,11 @@ def _add_example_args(p: argparse.ArgumentParser) -> None:
                    help="start training targets this many times per stride (2: also half a "
                         "stride later) for more distinct examples from the same documents; "
                         "held-out examples always use 1")
+    p.add_argument("--train-min-passage-tokens", type=int,
+                   default=_SPEC_DEFAULTS["train_min_passage_tokens"], metavar="N",
+                   help="cut each training passage to a random length in [N, --passage-tokens] "
+                        "so the adapter works with any passage length up to --passage-tokens "
+                        "(default 0: full passages, the recipe); held-out passages stay full")
     p.add_argument("--seed", type=int, default=0,
                    help="example split and draw seed; also the training seed")
     p.add_argument("--examples", default=None, metavar="DIR",
@@ -417,7 +427,8 @@ def _examples(args, tokenizer):
                        passage_tokens=args.passage_tokens, budget=args.budget,
                        eval_fraction=args.eval_fraction, max_train=args.max_train_examples,
                        max_eval=args.max_eval_examples, seed=args.seed,
-                       train_target_phases=args.train_target_phases)
+                       train_target_phases=args.train_target_phases,
+                       train_min_passage_tokens=args.train_min_passage_tokens)
     try:
         return spec, *prepare_examples(tokenizer, spec, model_key=str(args.model))
     except (DataError, FileNotFoundError, ValueError, RetrievalError) as exc:

@@ -92,13 +92,19 @@ def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *
                    query_tokens: int = 32, passage_tokens: int = 128, budget: int = 512,
                    seed: int = 0, max_examples: Optional[int] = None,
                    exclude_same_doc: bool = True, leak_ngram: int = 8,
-                   target_phases: int = 1, progress: bool = True) -> list[Example]:
+                   target_phases: int = 1, min_passage_tokens: int = 0,
+                   progress: bool = True) -> list[Example]:
     """Examples from ``docs`` (``(doc_id, title, text)``) with passages from ``retriever``.
 
     Targets start every ``stride`` tokens after the first ``query_tokens`` (the official recipe).
     ``target_phases`` > 1 also starts them ``stride / target_phases``, ``2 * stride /
     target_phases``, ... tokens later: more distinct examples from the same documents, for
     training; with 1 the examples are exactly the recipe's.
+
+    ``min_passage_tokens`` > 0 cuts each passage to a random length in ``[min_passage_tokens,
+    passage_tokens]`` (its first tokens), for training an adapter that resumes the context after
+    passages of any length up to ``passage_tokens``; with 0 every passage keeps up to
+    ``passage_tokens`` tokens (the recipe), and the examples are exactly those of earlier releases.
 
     Leakage control: a passage sharing any ``leak_ngram``-token span with the target (or the whole
     target, if shorter) is never used, nor one from the same document when ``exclude_same_doc``.
@@ -108,6 +114,9 @@ def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *
                         f"{passage_tokens} tokens (need budget // 2 > passage_tokens + 2)")
     if not 1 <= target_phases <= stride:
         raise DataError(f"target_phases must be in [1, stride={stride}], got {target_phases}")
+    if not 0 <= min_passage_tokens <= passage_tokens:
+        raise DataError(f"min_passage_tokens must be in [0, passage_tokens={passage_tokens}], got "
+                        f"{min_passage_tokens}")
     rng = random.Random(seed)
     candidates = []
     for doc_id, _title, text in docs:
@@ -134,7 +143,10 @@ def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *
             tgt = ids[t:t + stride]
             grams = _ngrams(tgt, min(leak_ngram, len(tgt)))
             for hit in doc_hits:
-                e = list(hit.passage.token_ids[:passage_tokens])
+                # the draw only when asked: the recipe's examples stay those of earlier releases
+                keep = rng.randint(min_passage_tokens, passage_tokens) if min_passage_tokens \
+                    else passage_tokens
+                e = list(hit.passage.token_ids[:keep])
                 if not e or grams & _ngrams(e, min(leak_ngram, len(tgt))):
                     continue  # leaks the target
                 center = rng.randint(budget // 2, budget - stride - 1)

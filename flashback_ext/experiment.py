@@ -33,6 +33,8 @@ class ExampleSpec:
     max_eval: int = 200
     seed: int = 0
     train_target_phases: int = 1  # > 1: more training examples from the same documents
+    # > 0: training passages cut to random lengths in [this, passage_tokens] (0: all full length)
+    train_min_passage_tokens: int = 0
 
 
 def load_documents(spec: str) -> list[tuple[str, str, str]]:
@@ -57,9 +59,12 @@ def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
     train_docs, eval_docs = split_by_document(docs, spec.eval_fraction, spec.seed)
     key = dict(asdict(spec), tokenizer=model_key or tokenizer.name_or_path, vocab=len(tokenizer),
                docs=len(docs))
-    # one phase keeps the cache keys of earlier releases; held-out examples never depend on it
+    # training-only options at their defaults keep the cache keys of earlier releases;
+    # held-out examples never depend on them
     phases = key.pop("train_target_phases")
-    train_key = dict(key, part="train", **({"train_target_phases": phases} if phases != 1 else {}))
+    min_passage = key.pop("train_min_passage_tokens")
+    train_key = dict(key, part="train", **({"train_target_phases": phases} if phases != 1 else {}),
+                     **({"train_min_passage_tokens": min_passage} if min_passage else {}))
     state: dict = {}
 
     def retriever():
@@ -68,19 +73,21 @@ def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
             state["r"] = BM25Retriever(corpus)
         return state["r"]
 
-    def build(part_docs, count, seed, n_phases):
+    def build(part_docs, count, seed, n_phases, min_passage_tokens):
         return lambda: build_examples(part_docs, tokenizer, retriever(), stride=spec.stride,
                                       query_tokens=spec.query_tokens,
                                       passage_tokens=spec.passage_tokens, budget=spec.budget,
                                       seed=seed, max_examples=count, target_phases=n_phases,
-                                      progress=progress)
+                                      min_passage_tokens=min_passage_tokens, progress=progress)
 
     folder = cache_dir() / "examples"
     train = load_or_build_examples(folder / "train.json", train_key,
-                                   build(train_docs, spec.max_train, spec.seed, phases))
-    # held-out examples always follow the recipe (one phase), whatever the training side uses
+                                   build(train_docs, spec.max_train, spec.seed, phases,
+                                         min_passage))
+    # held-out examples always follow the recipe (one phase, full passages), whatever the
+    # training side uses
     evals = load_or_build_examples(folder / "eval.json", dict(key, part="eval"),
-                                   build(eval_docs, spec.max_eval, spec.seed + 1, 1))
+                                   build(eval_docs, spec.max_eval, spec.seed + 1, 1, 0))
     logger.info("%d train / %d eval examples from %d / %d documents", len(train), len(evals),
                 len(train_docs), len(eval_docs))
     return train, evals

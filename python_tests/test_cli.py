@@ -257,3 +257,27 @@ def test_each_launched_process_loads_onto_its_own_gpu(monkeypatch):
     assert _process_device("cpu", cuda=True) == "cpu"
     assert _process_device("cuda:1", cuda=True) == "cuda:1"  # the user's explicit choice stands
     assert _process_device(None, cuda=False) is None
+
+
+@pytest.mark.parametrize("given,want,note", [(None, 16, None), (10, 10, None), (4, 4, None),
+                                              (3, 3, "4-16"), (20, 20, "4-16")])
+def test_passage_length_follows_the_adapters_training_range(tmp_path, capsys, given, want, note):
+    import json
+    from types import SimpleNamespace
+
+    from flashback_ext.cli import _settle_passage_tokens
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "flashback_run.json").write_text(json.dumps({
+        "settings": {"layout": "append", "markers": True}, "base": {},
+        "examples_spec": {"passage_tokens": 16, "train_min_passage_tokens": 4}}))
+    args = SimpleNamespace(passage_tokens=given)
+    _settle_passage_tokens(args, folder)
+    assert args.passage_tokens == want
+    err = capsys.readouterr().err
+    assert (f"trained on {note}-token passages" in err) if note else err == ""
+    args = SimpleNamespace(passage_tokens=None)
+    _settle_passage_tokens(args, None)  # no adapter: the engine's default
+    assert args.passage_tokens == 128

@@ -374,6 +374,32 @@ def test_more_training_phases_keep_the_held_out_examples(tok, tmp_path, monkeypa
     assert {e.doc_id for e in train2} == {e.doc_id for e in train1}  # same training documents
     assert len(list((tmp_path / "examples").glob("train-*.json"))) == 2  # cached apart
     assert len(list((tmp_path / "examples").glob("eval-*.json"))) == 1
+    spec.train_target_phases = 1
+    spec.train_min_passage_tokens = 4
+    train3, eval3 = prepare_examples(tok, spec, progress=False)
+    assert eval3 == eval1 and len(list((tmp_path / "examples").glob("train-*.json"))) == 3
+    assert max(len(e.e) for e in eval3) == 16  # held-out passages stay full
+    assert len({len(e.e) for e in train3}) > 5 and min(len(e.e) for e in train3) >= 1
+
+
+def test_random_passage_lengths(tok, setup):
+    docs, retriever = setup
+    kwargs = dict(stride=8, query_tokens=6, passage_tokens=16, budget=64, seed=3, max_examples=60,
+                  progress=False)
+    full = build_examples(docs, tok, retriever, **kwargs)
+    assert build_examples(docs, tok, retriever, min_passage_tokens=0, **kwargs) == full  # the recipe
+    cut = build_examples(docs, tok, retriever, min_passage_tokens=5, **kwargs)
+    lengths = [len(ex.e) for ex in cut]
+    assert len(set(lengths)) >= 8 and 5 <= min(lengths) and max(lengths) <= 16
+    for ex in cut:
+        # a prefix of the retrieved passage, budget kept, no target leak in what is shown
+        assert retriever.corpus.passages[ex.passage_id].token_ids[:len(ex.e)] == ex.e
+        assert len(ex.src) + len(ex.e) + len(ex.tgt) <= 64
+        grams = {tuple(ex.tgt[i:i + 8]) for i in range(len(ex.tgt) - 7)}
+        assert not grams & {tuple(ex.e[i:i + 8]) for i in range(len(ex.e) - 7)}
+    for bad in (-1, 17):
+        with pytest.raises(DataError, match="min_passage_tokens must be in \\[0, passage_tokens=16\\]"):
+            build_examples(docs, tok, retriever, min_passage_tokens=bad, **kwargs)
 
 
 @pytest.mark.parametrize("batch_size,grad_accum", [(4, 1), (2, 2), (1, 4)])
