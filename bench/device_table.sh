@@ -163,6 +163,11 @@ for name in $NAMES; do
   [ -f "$RUNS/$name/checkpoints/held_out_curve.json" ] &&
     cp "$RUNS/$name/checkpoints/held_out_curve.json" "$WORK/logs/held_out_curve_$name.json"
 done
+if [ -f "$WORK/logs/held_out_curve_append_markers.json" ] && [ -f "$WORK/logs/held_out_curve_prepend.json" ]; then
+  step "held-out learning curves (EVAL_EVERY)"
+  "$PY" bench/curves.py append_markers="$WORK/logs/held_out_curve_append_markers.json" \
+    prepend="$WORK/logs/held_out_curve_prepend.json" --ratio append_markers/prepend
+fi
 tar -czf "$OUT/table_logs.tar.gz" -C "$WORK" logs
 step "done in $(( $(date +%s) - T0 )) s, train rc $TRAIN_RC"
 exit $TRAIN_RC

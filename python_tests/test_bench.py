@@ -53,3 +53,30 @@ def test_kernel_case_reports_peers_and_checks_itself():
     assert (case["bytes"], case["flops"]) == (nbytes, flops)
     # bottom-right causal: 5 rows over 77 keys see 73..77 keys
     assert flops == 4 * 2 * 6 * (73 + 74 + 75 + 76 + 77) * 64
+
+
+def test_curves_table_and_ratio(tmp_path):
+    # one curve in a finished run's file, one as a device log's curve file; step 6 only in one
+    run = tmp_path / "append_markers"
+    run.mkdir()
+    (run / "flashback_run.json").write_text(json.dumps({"held_out_curve": [
+        {"step": 2, "perplexity": 22.0}, {"step": 4, "perplexity": 11.0}]}))
+    log = tmp_path / "held_out_curve_prepend.json"
+    log.write_text(json.dumps([{"step": 2, "perplexity": 20.0}, {"step": 4, "perplexity": 10.0},
+                               {"step": 6, "perplexity": 9.0}]))
+    out = tmp_path / "curves.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "curves.py"), f"append_markers={run}",
+           f"prepend={log}", "--ratio", "append_markers/prepend", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "| step | append_markers | prepend | append_markers / prepend |"
+    assert lines[2:] == ["| 2 | 22.000 | 20.000 | 1.100 |", "| 4 | 11.000 | 10.000 | 1.100 |",
+                         "| 6 | — | 9.000 | — |"]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[1]["ratio"] == pytest.approx(1.1) and rows[2]["ratio"] is None
+    for bad, says in ((["x"], "expected NAME=PATH"), ([f"a={tmp_path / 'none'}"], "does not exist"),
+                      ([f"a={log}", "--ratio", "a/b"], "--ratio needs two of a")):
+        res = subprocess.run([sys.executable, str(ROOT / "bench" / "curves.py"), *bad],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0 and says in res.stderr
