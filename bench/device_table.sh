@@ -25,6 +25,9 @@
 # 1.6x too slow), so prefer STEPS once the rate is known (1,100 steps took 290-305 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${EVAL_EVERY:-}" ] && [ -z "${STEPS:-}" ]; then  # before any device time is spent
+  echo "EVAL_EVERY needs STEPS (the probe does not time the scoring)"; exit 2
+fi
 OUT="${OUT:-bench/results/tmp/device_table}"
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
@@ -95,9 +98,6 @@ train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
   return $rc
 }
 
-if [ -n "${EVAL_EVERY:-}" ] && [ -z "${STEPS:-}" ]; then
-  echo "EVAL_EVERY needs STEPS (the probe does not time the scoring)"; exit 2
-fi
 if [ -n "${STEPS:-}" ]; then
   STEPS_GIVEN=1
   echo "STEPS=$STEPS given: no probe"
