@@ -211,8 +211,19 @@ class RALMGenerator:
             cache.new_tokens = None
         rows = torch.tensor([max(c - 1, 0) for c in counts], device=self.device)
         last = hidden[torch.arange(len(blocks), device=self.device), rows]
-        logits = self._head(last).float()
+        logits = self._head_logits(last).float()
         return [logits[b] if counts[b] > 0 else None for b in range(len(blocks))]
+
+    def _head_logits(self, last: torch.Tensor) -> torch.Tensor:
+        """The LM head on ``[rows, hidden]``. On the CPU in fp32, a plain bias-free head is applied
+        as ``weight @ last.T``: MKL's product for a few rows in ``last @ weight.T`` order read
+        SmolLM2's 113 MB head at ~3 GB/s on the dev machine (AMD EPYC; 39 ms for 3 rows), the
+        weight-major order at ~25 GB/s (4.6 ms); same products, summed in another order."""
+        head = self._head
+        if (last.device.type == "cpu" and last.dtype == torch.float32 and last.shape[0] > 1
+                and type(head) is torch.nn.Linear and head.bias is None):
+            return (head.weight @ last.T).T
+        return head(last)
 
     @staticmethod
     def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,

@@ -183,3 +183,23 @@ def test_shipped_adapter_drives_append_mode():
     r = engine.generate("The try statement", max_new_tokens=12, trace=True, stop_on_eos=False)
     assert len(r.retrievals) == 2 and not set(engine.markers) & set(r.token_ids)
     assert max_trace_error(tuned, [r]) <= 1e-3
+
+
+def test_cpu_head_in_weight_major_order_gives_the_heads_logits(tiny):
+    tok = ByteTokenizer()
+    gen = RALMGenerator(tiny, tok, None, mode="none")
+    last = torch.randn(3, tiny.config.hidden_size)
+    want = tiny.lm_head(last)
+    calls = []
+    hook = tiny.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        torch.testing.assert_close(gen._head_logits(last), want, rtol=1e-5, atol=1e-5)
+        assert not calls  # several rows: the weight-major product, not the module
+        torch.testing.assert_close(gen._head_logits(last[:1]), want[:1])
+        assert calls  # one row: the module itself
+    finally:
+        hook.remove()
+    # a head with a bias (or a peft-wrapped one) is always called as it is
+    biased = torch.nn.Linear(tiny.config.hidden_size, 260, bias=True)
+    gen._head = biased
+    torch.testing.assert_close(gen._head_logits(last), biased(last))
