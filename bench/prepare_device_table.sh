@@ -21,6 +21,9 @@ EX="$(mktemp -d)"
 # the settings of docs/RESULTS.md runs 2-5 (same 200 held-out examples), two target phases;
 # EXAMPLE_FLAGS adds training-side options (e.g. "--train-min-passage-tokens 16"), which leave
 # the held-out examples as they are
+for flag in ${EXAMPLE_FLAGS:-}; do  # an option that changes the held-out examples would break the table
+  case "$flag" in --train-*|[0-9]*) ;; *) echo "EXAMPLE_FLAGS: only --train-* options, got $flag"; exit 2 ;; esac
+done
 # shellcheck disable=SC2086
 .venv/bin/flashback examples --corpus python-docs --budget 256 --passage-tokens 64 --stride 16 \
   --query-tokens 32 --eval-fraction 0.1 --max-train-examples 60000 --max-eval-examples 200 \

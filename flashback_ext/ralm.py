@@ -218,10 +218,14 @@ class RALMGenerator:
         """The LM head on ``[rows, hidden]``. On the CPU in fp32, a plain bias-free head is applied
         as ``weight @ last.T``: MKL's product for a few rows in ``last @ weight.T`` order read
         SmolLM2's 113 MB head at ~3 GB/s on the dev machine (AMD EPYC; 39 ms for 3 rows), the
-        weight-major order at ~25 GB/s (4.6 ms); same products, summed in another order."""
+        weight-major order 5x faster (bench/lm_head_cpu.py); same products, summed in another
+        order."""
         head = self._head
+        # a plain module only: no peft wrapper, no bias, and no accelerate hook that would move
+        # an offloaded weight in on forward (its weight here may be on "meta")
         if (last.device.type == "cpu" and last.dtype == torch.float32 and last.shape[0] > 1
-                and type(head) is torch.nn.Linear and head.bias is None):
+                and type(head) is torch.nn.Linear and head.bias is None
+                and head.weight.device == last.device and not hasattr(head, "_hf_hook")):
             return (head.weight @ last.T).T
         return head(last)
 

@@ -80,3 +80,15 @@ def test_curves_table_and_ratio(tmp_path):
         res = subprocess.run([sys.executable, str(ROOT / "bench" / "curves.py"), *bad],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode != 0 and says in res.stderr
+
+
+def test_lm_head_cpu_bench_compares_both_orders(tmp_path):
+    out = tmp_path / "head.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "lm_head_cpu.py"), "--vocab", "512",
+                          "--hidden", "32", "--rows", "1,3", "--reps", "3", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["shape"] == [512, 32] and [r["rows"] for r in data["rows"]] == [1, 3]
+    for row in data["rows"]:
+        assert row["linear_ms"] > 0 and row["weight_major_ms"] > 0 and row["max_abs_diff"] < 1e-4

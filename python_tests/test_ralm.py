@@ -199,7 +199,14 @@ def test_cpu_head_in_weight_major_order_gives_the_heads_logits(tiny):
         assert calls  # one row: the module itself
     finally:
         hook.remove()
-    # a head with a bias (or a peft-wrapped one) is always called as it is
+    # a head with a bias, a peft-wrapped one or one with an accelerate offload hook is always
+    # called as it is
     biased = torch.nn.Linear(tiny.config.hidden_size, 260, bias=True)
     gen._head = biased
     torch.testing.assert_close(gen._head_logits(last), biased(last))
+    hooked = torch.nn.Linear(tiny.config.hidden_size, 260, bias=False)
+    hooked._hf_hook = object()
+    hooked.register_forward_hook(lambda *a: calls.append("hooked"))
+    gen._head = hooked
+    gen._head_logits(last)
+    assert calls[-1] == "hooked"
