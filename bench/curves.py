@@ -6,8 +6,8 @@ of them at every step both were scored: issue 4 asks for A.+LoRA+M.T. / P.+LoRA 
 
 Each ``NAME=PATH`` is an adapter folder (its run file's ``held_out_curve``, or for a run that did
 not finish, ``checkpoints/held_out_curve.json``) or a curve JSON itself (``held_out_curve_*.json``
-in bench/device_table.sh's logs). Prints a markdown table; writes JSON, and a PNG when matplotlib
-is installed.
+in bench/device_table.sh's logs). Prints a markdown table; ``--json`` writes the rows, ``--png``
+a plot (with matplotlib).
 """
 from __future__ import annotations
 
@@ -22,18 +22,21 @@ CURVE_FILE = "held_out_curve.json"
 
 def read_curve(path: Path) -> dict[int, float]:
     """``{step: held-out perplexity}`` from an adapter folder or a curve file."""
-    if path.is_dir():
-        run = path / RUN_FILE
-        points = json.loads(run.read_text()).get("held_out_curve") if run.exists() else None
-        if not points and (path / "checkpoints" / CURVE_FILE).exists():
-            points = json.loads((path / "checkpoints" / CURVE_FILE).read_text())
-    elif path.exists():
-        points = json.loads(path.read_text())
-    else:
-        raise SystemExit(f"curves: {path} does not exist")
-    if not points:
-        raise SystemExit(f"curves: no held-out curve in {path} (train with --eval-every N)")
-    return {int(p["step"]): float(p["perplexity"]) for p in points}
+    try:
+        if path.is_dir():
+            run = path / RUN_FILE
+            points = json.loads(run.read_text()).get("held_out_curve") if run.exists() else None
+            if not points and (path / "checkpoints" / CURVE_FILE).exists():
+                points = json.loads((path / "checkpoints" / CURVE_FILE).read_text())
+        elif path.exists():
+            points = json.loads(path.read_text())
+        else:
+            raise SystemExit(f"curves: {path} does not exist")
+        if not points:
+            raise SystemExit(f"curves: no held-out curve in {path} (train with --eval-every N)")
+        return {int(p["step"]): float(p["perplexity"]) for p in points}
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise SystemExit(f"curves: unreadable curve in {path} ({exc!r})") from None
 
 
 def table(curves: dict[str, dict[int, float]], ratio: tuple[str, str] | None) -> tuple[str, list]:
@@ -67,6 +70,8 @@ def main(argv=None) -> int:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"curves: expected NAME=PATH, got {item!r}")
+        if name in ("step", "ratio") or name in curves:
+            raise SystemExit(f"curves: NAME {name!r} is taken (a column, or given twice)")
         curves[name] = read_curve(Path(path))
     ratio = None
     if args.ratio:

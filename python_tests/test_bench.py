@@ -76,7 +76,8 @@ def test_curves_table_and_ratio(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rows[1]["ratio"] == pytest.approx(1.1) and rows[2]["ratio"] is None
     for bad, says in ((["x"], "expected NAME=PATH"), ([f"a={tmp_path / 'none'}"], "does not exist"),
-                      ([f"a={log}", "--ratio", "a/b"], "--ratio needs two of a")):
+                      ([f"a={log}", "--ratio", "a/b"], "--ratio needs two of a"),
+                      ([f"step={log}"], "is taken"), ([f"a={run / 'flashback_run.json'}"], "unreadable")):
         res = subprocess.run([sys.executable, str(ROOT / "bench" / "curves.py"), *bad],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode != 0 and says in res.stderr
