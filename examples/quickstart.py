@@ -1,22 +1,35 @@
-"""Quickstart: the embedded model, the embedded corpus, FlashBack append-mode generation.
+"""Quickstart: the embedded model with its shipped FlashBack adapter, the embedded corpus,
+append-mode generation.
 
-    python examples/quickstart.py [--max-new-tokens 48]
+    python examples/quickstart.py [--max-new-tokens 48] [--no-adapter]
 """
 import argparse
 
 from flashback_ext import RALMGenerator, load_model
+from flashback_ext.models import default_adapter_path
 from flashback_ext.retrieval import BM25Retriever, Corpus
+from flashback_ext.train import load_adapter, run_info
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--no-adapter", action="store_true",
+                        help="the base model alone (the paper's 'A.' row: it reads appended "
+                             "passages poorly)")
     args = parser.parse_args()
 
     model, tokenizer = load_model("default")              # SmolLM2-135M-Instruct, offline
-    corpus = Corpus.default(tokenizer)                      # CPython's language reference
+    passage_tokens = 128
+    if not args.no_adapter:
+        adapter = default_adapter_path()                    # LoRA + the two marker rows
+        model, tokenizer = load_adapter(model, adapter, merge=True)
+        # read passages as long as the ones it was trained on (64): it does not carry over
+        passage_tokens = run_info(adapter)["examples_spec"]["passage_tokens"]
+    corpus = Corpus.default(tokenizer, passage_tokens)      # CPython's language reference
     retriever = BM25Retriever(corpus)
-    engine = RALMGenerator(model, tokenizer, retriever, mode="append", stride=16)  # patches
+    engine = RALMGenerator(model, tokenizer, retriever, mode="append", stride=16,
+                           passage_tokens=passage_tokens)   # patches the model's attention
 
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What does the global statement do in Python?"}],
