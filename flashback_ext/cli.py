@@ -102,7 +102,8 @@ def _adapter_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _adapter_path(args) -> Optional[Path]:
-    """The append-mode adapter: ``--adapter``, or for 'auto' the one shipped for the default model."""
+    """The append-mode adapter: ``--adapter``, or for 'auto' the one shipped for the default
+    model."""
     from .models import DEFAULT_MODEL, default_adapter_path
 
     path = args.adapter

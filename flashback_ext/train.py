@@ -94,7 +94,8 @@ def _quiet_peft():
     rows it trains: test_warm_start_with_tied_embeddings_trains_one_shared_marker_row), and
     transformers' deprecation of ``is_gradient_checkpointing``, which peft still calls."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*requested `ensure_weight_tying`, but no tied modules are added")
+        warnings.filterwarnings(
+            "ignore", message=".*requested `ensure_weight_tying`, but no tied modules are added")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
         yield
 
@@ -240,6 +241,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     the points go to ``held_out_curve`` in the run file. Returns the output folder.
     """
     from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
     settings = settings or TrainSettings()
     if settings.layout not in LAYOUTS:
@@ -286,13 +288,14 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
         trainer.add_callback(curve)
     trainer.exclude_ids = tuple(marker_ids(tokenizer) or ())
     trainer.marker_lr = settings.marker_lr if settings.markers else None
-    from transformers.trainer_utils import get_last_checkpoint
-
     last = None
     if resume and (out / "checkpoints").is_dir():
         last = get_last_checkpoint(str(out / "checkpoints"))
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    try:
+        result = trainer.train(resume_from_checkpoint=last)
+    finally:
+        del peft_model.save_pretrained  # the class's own method again for the caller
     wall = time.perf_counter() - start
     peft_model.eval()
     if trainer.is_world_process_zero():
