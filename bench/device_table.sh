@@ -13,7 +13,8 @@
 # Knobs: STEPS (fixed step count) or else TRAIN_S (training seconds, default 300) with a probe of
 # PROBE_STEPS (30) setting the count (at least MIN_STEPS, 100); TRAIN_TIMEOUT (TRAIN_S + 110, or
 # 480 with STEPS; keep the whole call under the device's 600 s),
-# ADAPTERS (which of append_markers prepend append append_markers_mlr3e-3 to train; all four),
+# ADAPTERS (which of append_markers prepend append append_markers_mlr3e-3 none to train; default
+# the first four; none = the N.+LoRA row, a LoRA with no passage),
 # EVAL_EVERY (score the 200 held-out examples every N steps: the learning curve, in the logs;
 # only with STEPS and a TRAIN_TIMEOUT that covers the scoring: the probe does not time it),
 # LORA_TARGETS (q_proj,k_proj,v_proj,o_proj), BATCH (32), LR (1e-3), DEVICE (cuda), PYTHON
@@ -75,8 +76,9 @@ step "convert the GGUF and check it against the CPU machine's conversion"
 RECIPES=("append_markers:--layout append --markers --marker-lr 1e-2"
          "prepend:--layout prepend --no-markers"
          "append:--layout append --no-markers"
-         "append_markers_mlr3e-3:--layout append --markers --marker-lr 3e-3")
-ALL_NAMES="${RECIPES[*]%%:*}"
+         "append_markers_mlr3e-3:--layout append --markers --marker-lr 3e-3"
+         "none:--layout none --no-markers")  # N.+LoRA, not in the paper: only when asked for
+ALL_NAMES="append_markers prepend append append_markers_mlr3e-3"
 CURVE_FLAGS=""  # the main training's --eval-every (EVAL_EVERY); the probe scores nothing
 NAMES="${ADAPTERS:-$ALL_NAMES}"  # the ones to train (ADAPTERS: a subset)
 train_all() {  # $1 steps, $2 folder, $3 save steps, $4 timeout seconds
@@ -139,7 +141,7 @@ done
 
 step "perplexity table on the GPU (bf16)"
 ADAPTERS=()
-for name in append_markers append prepend; do
+for name in append_markers append prepend none; do
   [ -f "$RUNS/$name/flashback_run.json" ] && ADAPTERS+=(--adapter "$name=$RUNS/$name")
 done
 "$PY" -m flashback_ext.cli eval --examples "$EXAMPLES" --device "$DEVICE" --batch-size 50 \

@@ -482,34 +482,38 @@ def cmd_train(args) -> int:
     return 0
 
 
+# eval's adapter names: the row each fills (evaluate.TABLE_ROWS)
+ADAPTER_NAMES = ("prepend", "append", "append_markers", "none")
+
+
 def cmd_eval(args) -> int:
     """Perplexity table in the paper's settings for the base model and the given adapters."""
     import json
 
-    from .evaluate import PAPER_ROWS, markdown_table, perplexity, position_table, ratio_interval
+    from .evaluate import TABLE_ROWS, markdown_table, perplexity, position_table, ratio_interval
     from .train import AdapterError, check_adapter_layout, load_adapter
 
     adapters = {}
     for item in args.adapter or []:
         name, sep, path = item.partition("=")
-        if not sep or name not in ("prepend", "append", "append_markers"):
-            raise CliError(f"--adapter takes NAME=DIR with NAME in prepend, append, "
-                           f"append_markers; got {item!r}")
+        if not sep or name not in ADAPTER_NAMES:
+            raise CliError(f"--adapter takes NAME=DIR with NAME in {', '.join(ADAPTER_NAMES)}; "
+                           f"got {item!r}")
         adapters[name] = path
-    known = [s.name for s in PAPER_ROWS]
+    known = [s.name for s in TABLE_ROWS]
     wanted = known if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in wanted if r not in known]
     if unknown or not wanted:
         raise CliError(f"--rows takes names from {', '.join(known)}; got {args.rows!r}")
-    missing = [s.name for s in PAPER_ROWS if s.name in wanted and s.adapter is not None
+    missing = [s.name for s in TABLE_ROWS if s.name in wanted and s.adapter is not None
                and s.adapter not in adapters and args.rows is not None]
     if missing:
         raise CliError(f"row(s) {', '.join(missing)} need --adapter "
-                       f"{', '.join(s.adapter + '=DIR' for s in PAPER_ROWS if s.name in missing)}")
+                       f"{', '.join(s.adapter + '=DIR' for s in TABLE_ROWS if s.name in missing)}")
     model, tokenizer = _load(args)
     spec, _, evals = _examples(args, tokenizer)
     rows = []
-    for setting in PAPER_ROWS:
+    for setting in TABLE_ROWS:
         if setting.name not in wanted:
             continue
         if setting.adapter is not None and setting.adapter not in adapters:
@@ -620,7 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity table: N., P., A. and the adapters' rows")
     _add_example_args(ev)
     ev.add_argument("--adapter", action="append",
-                    help="NAME=DIR with NAME in prepend, append, append_markers (repeatable)")
+                    help="NAME=DIR (repeatable): prepend -> P.+LoRA, append -> A.+LoRA, "
+                         "append_markers -> A.+LoRA+M.T., none -> N.+LoRA (not in the paper: "
+                         "a LoRA trained with no passage, to tell corpus adaptation from "
+                         "passage use)")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--rows", default=None,
                     help="comma-separated row names to score (default: every row the given "

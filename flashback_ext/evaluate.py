@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import Collator, Example, target_token_nll
 from .marking import marker_ids
 
-__all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "markdown_table",
+__all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "TABLE_ROWS", "markdown_table",
            "position_table", "ratio_interval"]
 
 
@@ -38,6 +38,10 @@ PAPER_ROWS = [
     Setting("A.+LoRA", "append", "append", False),
     Setting("A.+LoRA+M.T.", "append", "append_markers", True),
 ]
+# not in the paper: LoRA trained with no passage at all. P.+LoRA against it separates what the
+# prepend adapter gains from reading passages from what it gains by adapting to the corpus
+NO_RETRIEVAL_LORA = Setting("N.+LoRA", "none", "none", False)
+TABLE_ROWS = PAPER_ROWS[:3] + [NO_RETRIEVAL_LORA] + PAPER_ROWS[3:]
 
 
 @torch.no_grad()

@@ -145,6 +145,17 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     # an append+markers adapter cannot fill the A.+LoRA (no markers) row
     assert main(["eval", *common, "--adapter", f"append={out}"]) == 2
     assert "needs 'append', markers False" in capsys.readouterr().err
+    # N.+LoRA (not in the paper): a LoRA trained without passages fills its own row
+    plain = tmp_path / "plain"
+    assert main(["train", *common, "--steps", "1", "--batch-size", "4", "--layout", "none",
+                 "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["eval", *common, "--adapter", f"none={plain}", "--rows", "N.,N.+LoRA",
+                 "--json", str(table)]) == 0
+    assert "| N.+LoRA | none | none | no |" in capsys.readouterr().out
+    assert [r["name"] for r in __import__("json").loads(table.read_text())["rows"]] == ["N.", "N.+LoRA"]
+    assert main(["eval", *common, "--adapter", f"none={out}", "--rows", "N.+LoRA"]) == 2
+    assert "needs 'none', markers False" in capsys.readouterr().err
     # generation reads passages as long as the adapter was trained on (16 here), unless told
     demo = ["demo", "--model", str(tiny_model_dir), "--corpus", str(docs), "--device", "cpu",
             "--adapter", str(out), "--max-new-tokens", "4", "--stride", "2", "--long-context", "0",
