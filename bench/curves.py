@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-RUN_FILE = "flashback_run.json"
-CURVE_FILE = "held_out_curve.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flashback_ext.train import CURVE_FILE, RUN_FILE  # noqa: E402
 
 
 def read_curve(path: Path) -> dict[int, float]:

@@ -482,10 +482,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-# eval's adapter names: the row each fills (evaluate.TABLE_ROWS)
-ADAPTER_NAMES = ("prepend", "append", "append_markers", "none")
-
-
 def cmd_eval(args) -> int:
     """Perplexity table in the paper's settings for the base model and the given adapters."""
     import json
@@ -493,11 +489,12 @@ def cmd_eval(args) -> int:
     from .evaluate import TABLE_ROWS, markdown_table, perplexity, position_table, ratio_interval
     from .train import AdapterError, check_adapter_layout, load_adapter
 
+    names = [s.adapter for s in TABLE_ROWS if s.adapter is not None]  # the row each one fills
     adapters = {}
     for item in args.adapter or []:
         name, sep, path = item.partition("=")
-        if not sep or name not in ADAPTER_NAMES:
-            raise CliError(f"--adapter takes NAME=DIR with NAME in {', '.join(ADAPTER_NAMES)}; "
+        if not sep or name not in names:
+            raise CliError(f"--adapter takes NAME=DIR with NAME in {', '.join(names)}; "
                            f"got {item!r}")
         adapters[name] = path
     known = [s.name for s in TABLE_ROWS]

@@ -310,7 +310,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
                 "eval_s": curve.seconds if curve is not None else 0.0,
                 "processes": trainer.args.world_size,
                 "resumed_from": Path(last).name if last else None,
-                "held_out_curve": _read_curve(out / "checkpoints") if settings.eval_every else [],
+                "held_out_curve": curve.points if curve is not None else [],
                 "vocab_size": len(tokenizer), **(extra_info or {})}
         (out / RUN_FILE).write_text(json.dumps(info, indent=1))
     return out
