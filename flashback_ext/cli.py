@@ -62,6 +62,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=1, help="passages per retrieval")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--no-markers", action="store_true", help="never wrap passages in markers")
+    p.add_argument("--echo-tokens", type=int, default=None, metavar="K",
+                   help="append mode: repeat the context's last K tokens after each passage "
+                        "(default: what the append adapter was trained with, else 0)")
     p.add_argument("--capacity", type=int, default=None, help="cache slots per sequence")
     p.add_argument("--overflow", choices=["error", "evict"], default="error")
 
@@ -115,15 +118,24 @@ def _adapter_path(args) -> Optional[Path]:
 def _settle_passage_tokens(args, adapter: Optional[Path]) -> None:
     """``--passage-tokens`` defaults to the passage length the adapter was trained on: it learned
     to resume the context after passages that long (the shipped adapter, trained on 64, scores
-    2.1x the no-retrieval perplexity after 128-token passages: docs/RESULTS.md)."""
+    2.1x the no-retrieval perplexity after 128-token passages: docs/RESULTS.md). ``--echo-tokens``
+    defaults to the adapter's context echo: its layout, not a tuning knob."""
     from .train import AdapterError, run_info
 
     spec: dict = {}
+    echo = 0
     if adapter is not None:
         try:
-            spec = run_info(adapter).get("examples_spec") or {}
+            info = run_info(adapter)
+            spec = info.get("examples_spec") or {}
+            echo = int(info["settings"].get("echo_tokens", 0))
         except AdapterError:
             pass  # loading the adapter reports it
+    if getattr(args, "echo_tokens", None) is None:
+        args.echo_tokens = echo
+    elif args.echo_tokens != echo:
+        print(f"note: the adapter was trained with a {echo}-token context echo; --echo-tokens "
+              f"{args.echo_tokens} is a layout it has not seen", file=sys.stderr)
     longest = spec.get("passage_tokens")
     # full-length passages, unless it trained on random lengths (--train-min-passage-tokens)
     shortest = spec.get("train_min_passage_tokens") or longest
@@ -194,7 +206,8 @@ def _generator(args, model, tokenizer, retriever, mode: str):
         return RALMGenerator(model, tokenizer, retriever, mode=mode, stride=args.stride,
                              query_tokens=args.query_tokens, passage_tokens=args.passage_tokens,
                              k=args.k, use_markers=False if args.no_markers else None,
-                             capacity=args.capacity, overflow=args.overflow)
+                             capacity=args.capacity, overflow=args.overflow,
+                             echo_tokens=(args.echo_tokens or 0) if mode == "append" else 0)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -229,7 +242,8 @@ def cmd_demo(args) -> int:
     print(f"model {args.model} ({model.config.num_hidden_layers} layers, {_describe_device(model)}); "
           f"corpus: {len(retriever.corpus)} passages ({args.retriever}, <= {args.passage_tokens} "
           f"tokens each); append mode: "
-          f"{adapter_note}; setup {time.perf_counter() - t0:.1f} s")
+          f"{adapter_note}{f', context echo {args.echo_tokens}' if args.echo_tokens else ''}; "
+          f"setup {time.perf_counter() - t0:.1f} s")
     questions = args.question or DEMO_QUESTIONS
     prompts = [as_prompt(tokenizer, q) for q in questions]
     results = {}
@@ -468,7 +482,8 @@ def cmd_train(args) -> int:
                              target_modules=[m for m in args.lora_targets.split(",") if m],
                              lora_r=args.lora_r,
                              lora_alpha=args.lora_alpha, seed=args.seed,
-                             save_steps=args.save_steps, eval_every=args.eval_every or 0)
+                             save_steps=args.save_steps, eval_every=args.eval_every or 0,
+                             echo_tokens=args.echo_tokens)
     try:
         out = train_adapter(model, tokenizer, train, args.out, settings=settings,
                             resume=args.resume, init_adapter=args.init_adapter,
@@ -515,20 +530,23 @@ def cmd_eval(args) -> int:
             continue
         if setting.adapter is not None and setting.adapter not in adapters:
             continue
+        echo = 0
         if setting.adapter is None:
             m, tok = model, tokenizer
         else:
             try:
-                check_adapter_layout(adapters[setting.adapter], setting.layout, setting.markers,
-                                     f"row {setting.name}")
+                info = check_adapter_layout(adapters[setting.adapter], setting.layout,
+                                            setting.markers, f"row {setting.name}")
                 m, tok = load_adapter(_load(args)[0], adapters[setting.adapter])
             except AdapterError as exc:
                 raise CliError(str(exc)) from None
+            echo = int(info["settings"].get("echo_tokens", 0))  # part of the adapter's layout
         t0 = time.perf_counter()
         result = perplexity(m, tok, evals, setting.layout, setting.markers,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, echo=echo)
         rows.append({"name": setting.name, "layout": setting.layout, "adapter": setting.adapter,
-                     "markers": setting.markers, **result, "seconds": time.perf_counter() - t0})
+                     "markers": setting.markers, "echo_tokens": echo, **result,
+                     "seconds": time.perf_counter() - t0})
         print(f"{setting.name:<14} ppl {result['ppl']:.3f} ({result['tokens']} target tokens)",
               flush=True)
     table, places = markdown_table(rows), position_table(rows)
@@ -538,9 +556,11 @@ def cmd_eval(args) -> int:
     goal = None
     if "A.+LoRA+M.T." in by_name and "P.+LoRA" in by_name:  # the paper's comparison
         ratio, low, high = ratio_interval(by_name["A.+LoRA+M.T."], by_name["P.+LoRA"])
-        goal = {"ratio": ratio, "low": low, "high": high, "level": 0.95}
+        echo = by_name["A.+LoRA+M.T."]["echo_tokens"]
+        goal = {"ratio": ratio, "low": low, "high": high, "level": 0.95, "echo_tokens": echo}
         print(f"\nA.+LoRA+M.T. / P.+LoRA = {ratio:.3f} (95% paired bootstrap interval over the "
-              f"{len(evals)} held-out examples: {low:.3f}-{high:.3f})")
+              f"{len(evals)} held-out examples: {low:.3f}-{high:.3f})"
+              + (f"; with a {echo}-token context echo, not the paper's layout" if echo else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows, "examples": len(evals),
@@ -605,6 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="score the held-out examples (the ones `flashback eval` uses, in this "
                             "run's layout) every N steps and after the last: the learning curve "
                             "goes to held_out_curve in flashback_run.json (default: never)")
+    train.add_argument("--echo-tokens", type=int, default=0, metavar="K",
+                       help="not in the paper: repeat the context's last K tokens after the passage "
+                            "(--layout append), so the first new tokens follow a copy of the "
+                            "context instead of <MARK_R>; generation and eval read K from the "
+                            "adapter (default 0: the paper's layout)")
     train.add_argument("--out", required=True, help="adapter output folder")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--init-adapter", default=None,

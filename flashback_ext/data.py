@@ -8,6 +8,11 @@ is the ``query_tokens`` tokens before the target; ``len(src) + len(e)`` is a ran
 Layouts (plain causal mask, contiguous positions; loss on ``tgt`` only):
 ``none = src | tgt``, ``prepend = E | src | tgt``, ``append = src | E | tgt`` with
 ``E = <MARK_L> e <MARK_R>`` when markers are used, else ``e``.
+
+Not in the paper: ``append`` with a context echo of ``k`` tokens, ``src | E | src[-k:] | tgt``.
+The first target tokens are then predicted from a copy of the context's last tokens that has
+read the passage, instead of from ``<MARK_R>``: that is where the appended layout loses most
+(docs/RESULTS.md). It costs ``k`` more tokens per retrieval block at generation.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 __all__ = ["Example", "LAYOUTS", "split_by_document", "build_examples", "load_or_build_examples",
-           "layout_tokens", "Collator", "python_docs", "DataError", "target_nll",
+           "layout_tokens", "check_echo", "Collator", "python_docs", "DataError", "target_nll",
            "target_token_nll"]
 
 logger = logging.getLogger(__name__)
@@ -180,17 +185,28 @@ def load_or_build_examples(cache_file: Path, build_settings: dict, build) -> lis
     return examples
 
 
-def layout_tokens(ex: Example, layout: str, markers: Optional[tuple[int, int]]) -> tuple[list[int], int]:
-    """``(token ids, index where tgt starts)`` of one example in one layout."""
+def check_echo(layout: str, echo: int) -> None:
+    """A context echo is a variant of the append layout only."""
+    if not isinstance(echo, int) or isinstance(echo, bool) or echo < 0:
+        raise ValueError(f"echo must be an int >= 0, got {echo!r}")
+    if echo and layout != "append":
+        raise ValueError(f"a context echo ({echo} tokens) needs the append layout, got {layout!r}")
+
+
+def layout_tokens(ex: Example, layout: str, markers: Optional[tuple[int, int]],
+                  echo: int = 0) -> tuple[list[int], int]:
+    """``(token ids, index where tgt starts)`` of one example in one layout; ``echo`` > 0 repeats
+    the last ``echo`` context tokens after the passage (append only)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_echo(layout, echo)
     e = [markers[0], *ex.e, markers[1]] if markers else list(ex.e)
     if layout == "none":
         head = list(ex.src)
     elif layout == "prepend":
         head = e + list(ex.src)
     else:
-        head = list(ex.src) + e
+        head = list(ex.src) + e + (list(ex.src[-echo:]) if echo else [])
     return head + list(ex.tgt), len(head)
 
 
@@ -203,13 +219,15 @@ class Collator:
     position shift of a left-padded row leaves its attention unchanged.
     """
 
-    def __init__(self, layout: str, markers: Optional[tuple[int, int]], pad_id: int = 0) -> None:
+    def __init__(self, layout: str, markers: Optional[tuple[int, int]], pad_id: int = 0,
+                 echo: int = 0) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.layout, self.markers, self.pad_id = layout, markers, pad_id
+        check_echo(layout, echo)
+        self.layout, self.markers, self.pad_id, self.echo = layout, markers, pad_id, echo
 
     def __call__(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
-        rows = [layout_tokens(ex, self.layout, self.markers) for ex in batch]
+        rows = [layout_tokens(ex, self.layout, self.markers, self.echo) for ex in batch]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)

@@ -46,12 +46,13 @@ TABLE_ROWS = PAPER_ROWS[:3] + [NO_RETRIEVAL_LORA] + PAPER_ROWS[3:]
 
 @torch.no_grad()
 def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, markers: bool,
-               batch_size: int = 8, progress: bool = True) -> dict:
-    """Teacher-forced perplexity of the examples' targets in one layout."""
+               batch_size: int = 8, progress: bool = True, echo: int = 0) -> dict:
+    """Teacher-forced perplexity of the examples' targets in one layout (``echo``: the context
+    echo of :func:`data.layout_tokens`, append only)."""
     ids = marker_ids(tokenizer)
     if markers and ids is None:
         raise ValueError("markers=True but the tokenizer has no marking tokens")
-    collate = Collator(layout, ids if markers else None, tokenizer.pad_token_id or 0)
+    collate = Collator(layout, ids if markers else None, tokenizer.pad_token_id or 0, echo=echo)
     device = next(model.parameters()).device
     # float64 sums per target place: where the loss sits (appending hurts the first tokens most)
     sums = torch.zeros(0, dtype=torch.float64)
@@ -133,7 +134,9 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         ratio_n = f"{r['ppl'] / n:.3f}" if n else "—"
         ratio_p = f"{r['ppl'] / p:.3f}" if p else "—"
-        lines.append(f"| {r['name']} | {r['layout']} | {r['adapter'] or 'base'} | "
+        echo = r.get("echo_tokens")
+        adapter = (r["adapter"] or "base") + (f" + echo {echo}" if echo else "")
+        lines.append(f"| {r['name']} | {r['layout']} | {adapter} | "
                      f"{'yes' if r['markers'] else 'no'} | {r['ppl']:.3f} | {ratio_n} | {ratio_p} |")
     return "\n".join(lines)
 

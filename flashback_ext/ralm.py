@@ -7,7 +7,9 @@ the query. What the model then sees, per mode:
 * ``append`` (FlashBack): ``context | E | new tokens`` with ``E = <MARK_L> passage <MARK_R>``
   (markers when the tokenizer has them). At a retrieval the cache is rolled back (O(1)) to the end
   of the previous context and ``[tokens since then | E_new]`` is forwarded as ONE block; the
-  context's KV cache is never recomputed.
+  context's KV cache is never recomputed. With ``echo_tokens=k`` (not in the paper) the block is
+  ``[tokens since then | E_new | last k tokens]``: the new tokens follow a copy of the context's
+  end that has read the passage (an adapter trained with ``flashback train --echo-tokens k``).
 * ``prepend`` (In-Context RALM): ``E | context``, re-encoded from scratch at every retrieval.
 * ``none``: the context alone.
 
@@ -87,6 +89,8 @@ class RALMGenerator:
         query_tokens: tokens of the retrieval query (the last ``query_tokens`` of the text).
         passage_tokens: tokens kept of each retrieved passage.
         k: passages per retrieval (concatenated inside one marker pair).
+        echo_tokens: append mode only: repeat the last ``echo_tokens`` tokens after each passage
+            (the layout an adapter trained with ``--echo-tokens`` expects; 0 = the paper's).
         use_markers: wrap passages in ``<MARK_L> … <MARK_R>``; default: when the tokenizer has them.
         capacity: cache slots per sequence; default: enough for the prompt, the new tokens and
             one retrieval block.
@@ -102,13 +106,17 @@ class RALMGenerator:
                  query_tokens: int = 32, passage_tokens: int = 128, k: int = 1,
                  use_markers: Optional[bool] = None, capacity: Optional[int] = None,
                  overflow: str = "error", sink: int = 0,
-                 cuda_graphs: Optional[bool] = None) -> None:
+                 cuda_graphs: Optional[bool] = None, echo_tokens: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("stride", stride), ("query_tokens", query_tokens),
                             ("passage_tokens", passage_tokens), ("k", k)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(echo_tokens, int) or isinstance(echo_tokens, bool) or echo_tokens < 0:
+            raise ValueError(f"echo_tokens must be an int >= 0, got {echo_tokens!r}")
+        if echo_tokens and mode != "append":
+            raise ValueError(f"echo_tokens needs mode='append', got {mode!r}")
         if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         if mode != "none" and retriever is None:
@@ -117,6 +125,7 @@ class RALMGenerator:
         self.tokenizer, self.retriever, self.mode = tokenizer, retriever, mode
         self.stride, self.query_tokens, self.passage_tokens, self.k = stride, query_tokens, passage_tokens, k
         self.capacity, self.overflow, self.sink = capacity, overflow, sink
+        self.echo_tokens = echo_tokens
         vocab = tokenizer.get_vocab()
         has_markers = MARK_L in vocab and MARK_R in vocab
         if use_markers and not has_markers:
@@ -247,14 +256,20 @@ class RALMGenerator:
         return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
     @torch.no_grad()
+    def _echo(self, context: Sequence[int]) -> list[int]:
+        """The context's last ``echo_tokens`` tokens, repeated after the passage."""
+        return list(context[-self.echo_tokens:]) if self.echo_tokens else []
+
     def score(self, src: Sequence[int], passage: Sequence[int], tgt: Sequence[int],
               exclude_ids: Sequence[int] = ()) -> list[float]:
         """Log-probabilities of ``tgt`` after ``src | E`` computed the append-mode way: prefill,
-        one ``[last stride of src | E]`` block, then teacher-forced one-token steps on the cache.
+        one ``[last stride of src | E | echo]`` block, then teacher-forced one-token steps on the
+        cache.
         ``exclude_ids`` (the markers) are left out of the softmax."""
         if not src or not tgt:
             raise ValueError("score needs a non-empty src and tgt")
         e = [self.markers[0], *passage, self.markers[1]] if self.markers else list(passage)
+        e += self._echo(src)
         cache = FlashBackCache.for_model(self.model, 1, len(src) + len(e) + len(tgt) + 1)
         split = len(src) - min(self.stride, len(src))
         if split > 0:
@@ -310,7 +325,7 @@ class RALMGenerator:
                          stop_on_eos, stream, exclude_doc_ids, trace)
 
     def _capacity(self, tokens: list[list[int]], max_new: int) -> int:
-        block = self.k * self.passage_tokens + 2 if self.mode != "none" else 0
+        block = self.k * self.passage_tokens + 2 + self.echo_tokens if self.mode != "none" else 0
         need = max(len(t) for t in tokens) + max_new + block + self.stride + 1
         if self.capacity is None:
             return need
@@ -371,7 +386,8 @@ class RALMGenerator:
             ctx = [max(0, n - self.stride) for n in prompt_lens]
             run_block([t[:c] for t, c in zip(tokens, ctx)], reset=True, kind="prefill")
             passages = retrieval_blocks(0)
-            logits = run_block([t[c:] + p for t, c, p in zip(tokens, ctx, passages)], reset=False)
+            logits = run_block([t[c:] + p + self._echo(t) for t, c, p in zip(tokens, ctx, passages)],
+                               reset=False)
             ctx = prompt_lens[:]
         pending: list[Optional[int]] = [None] * batch  # sampled, not yet forwarded
 
@@ -401,12 +417,13 @@ class RALMGenerator:
                     blocks = [p + t if active[b] else [] for b, (p, t) in enumerate(zip(passages, tokens))]
                     logits = run_block(blocks, reset=True)
                 else:
-                    # roll back to the end of the previous context, then [new tokens | E_new]
+                    # roll back to the end of the previous context, then [new tokens | E_new | echo]
                     back = [pos - c for pos, c in zip(cache.next_positions(), ctx)]
                     cache.rollback(back)
                     for b in range(batch):
                         views[b] = views[b][: len(views[b]) - back[b]]
-                    blocks = [tokens[b][ctx[b]:] + passages[b] if active[b] else [] for b in range(batch)]
+                    blocks = [tokens[b][ctx[b]:] + passages[b] + self._echo(tokens[b]) if active[b] else []
+                              for b in range(batch)]
                     logits = run_block(blocks, reset=False)
                     ctx = [len(t) if active[b] else ctx[b] for b, t in enumerate(tokens)]
             else:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .data import Collator, Example, LAYOUTS, target_nll
+from .data import Collator, Example, LAYOUTS, check_echo, target_nll
 from .marking import add_marking_tokens, marker_ids
 
 __all__ = ["TrainSettings", "train_adapter", "load_adapter", "check_adapter_layout", "run_info",
@@ -61,6 +61,9 @@ class TrainSettings:
     # score the held-out examples every this many steps (and after the last), 0 = never: the
     # learning curve of the metric the table reports, not of the training loss
     eval_every: int = 0
+    # not in the paper: repeat the last this many context tokens after the passage (append
+    # layout; data.layout_tokens). Generation and evaluation read it from the run file
+    echo_tokens: int = 0
 
 
 def _base_signature(model) -> dict:
@@ -173,7 +176,7 @@ def _held_out_curve_callback(peft_model, tokenizer, examples: Sequence[Example],
             was_training = peft_model.training
             peft_model.eval()
             result = perplexity(peft_model, tokenizer, examples, settings.layout, settings.markers,
-                                progress=False)
+                                progress=False, echo=settings.echo_tokens)
             peft_model.train(was_training)
             self.seconds += time.perf_counter() - start
             self.points.append({"step": step, "perplexity": result["ppl"], "nll": result["nll"],
@@ -250,6 +253,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
         raise ValueError("no training examples")
     if settings.eval_every < 0:
         raise ValueError(f"eval_every must be >= 0, got {settings.eval_every}")
+    check_echo(settings.layout, settings.echo_tokens)
     if settings.eval_every and not eval_examples:
         raise ValueError("eval_every needs held-out examples (eval_examples)")
     out = Path(output_dir)
@@ -280,7 +284,8 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     trainer_cls = _trainer_class()
     trainer = trainer_cls(model=peft_model, args=args, train_dataset=_ListDataset(train_examples),
                           data_collator=Collator(settings.layout, markers,
-                                                 tokenizer.pad_token_id or 0))
+                                                 tokenizer.pad_token_id or 0,
+                                                 echo=settings.echo_tokens))
     curve = None
     if settings.eval_every:
         curve = _held_out_curve_callback(peft_model, tokenizer, eval_examples, settings,

@@ -156,6 +156,26 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     assert [r["name"] for r in __import__("json").loads(table.read_text())["rows"]] == ["N.", "N.+LoRA"]
     assert main(["eval", *common, "--adapter", f"none={out}", "--rows", "N.+LoRA"]) == 2
     assert "needs 'none', markers False" in capsys.readouterr().err
+    # a context echo (not in the paper) is part of the adapter's layout: eval and demo read it
+    echoed = tmp_path / "echoed"
+    assert main(["train", *common, "--steps", "1", "--batch-size", "4", "--echo-tokens", "2",
+                 "--out", str(echoed)]) == 0
+    capsys.readouterr()
+    assert main(["eval", *common, "--adapter", f"append_markers={echoed}", "--rows", "A.+LoRA+M.T.",
+                 "--json", str(table)]) == 0
+    assert "| A.+LoRA+M.T. | append | append_markers + echo 2 | yes |" in capsys.readouterr().out
+    assert __import__("json").loads(table.read_text())["rows"][0]["echo_tokens"] == 2
+    assert main(["train", *common, "--steps", "1", "--layout", "prepend", "--no-markers",
+                 "--echo-tokens", "2", "--out", str(tmp_path / "pe")]) == 2
+    assert "needs the append layout" in capsys.readouterr().err
+    echo_demo = ["demo", "--model", str(tiny_model_dir), "--corpus", str(docs), "--device", "cpu",
+                 "--adapter", str(echoed), "--max-new-tokens", "4", "--stride", "2",
+                 "--long-context", "0", "--question", "what does yield do ?"]
+    assert main(echo_demo) == 0
+    assert "FlashBack adapter " + str(echoed) + ", context echo 2;" in capsys.readouterr().out
+    assert main([*echo_demo, "--echo-tokens", "0"]) == 0
+    got = capsys.readouterr()
+    assert ", context echo" not in got.out and "trained with a 2-token context echo" in got.err
     # generation reads passages as long as the adapter was trained on (16 here), unless told
     demo = ["demo", "--model", str(tiny_model_dir), "--corpus", str(docs), "--device", "cpu",
             "--adapter", str(out), "--max-new-tokens", "4", "--stride", "2", "--long-context", "0",

@@ -92,7 +92,28 @@ def test_evict_policy_keeps_generating(tiny):
     assert len(r.token_ids) == 20
 
 
+@pytest.mark.parametrize("markers", [True, False])
+def test_context_echo_follows_each_passage(tiny, markers):
+    tok = ByteTokenizer(markers=markers)
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=4, passage_tokens=10,
+                        echo_tokens=3)
+    results = gen.generate(["abcdefgh", "xy"], max_new_tokens=11, trace=True, stop_on_eos=False)
+    assert max_trace_error(tiny, results) <= 1e-3
+    r = results[0]
+    seq0 = r.trace[0][0]  # first step: prompt | E | last 3 prompt tokens
+    assert seq0[:8] == list(b"abcdefgh") and seq0[-3:] == list(b"fgh")
+    assert (seq0[-4] == 258) == markers
+    # after the 2nd retrieval at 4 new tokens: prompt + 4 new | E | last 3 of those | 1 new
+    ctx = list(b"abcdefgh") + r.token_ids[:4]
+    seq5 = r.trace[5][0]
+    assert seq5[:12] == ctx and seq5[-4:] == ctx[-3:] + [r.token_ids[4]]
+    assert len(seq5) == 12 + 10 + 2 * markers + 3 + 1  # the old passage and echo are gone
+    assert results[1].trace[0][0][-2:] == list(b"xy")  # a prompt shorter than the echo
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(echo_tokens=-1), "echo_tokens must be an int >= 0"),
+    (dict(echo_tokens=2, mode="prepend"), "echo_tokens needs mode='append'"),
     (dict(mode="sideways"), "mode must be one of"),
     (dict(stride=0), "stride must be a positive int"),
     (dict(query_tokens=-1), "query_tokens must be a positive int"),

@@ -140,6 +140,27 @@ def test_collator_layouts_and_labels(layout, markers):
     assert Collator.keep_logits(batch["labels"]) == 3
 
 
+def test_context_echo_repeats_the_last_context_tokens_after_the_passage():
+    ex = Example(src=[1, 2, 3], e=[7, 8], tgt=[4, 5], doc_id="d", passage_id=0)
+    ids, start = layout_tokens(ex, "append", (90, 91), echo=2)
+    assert ids == [1, 2, 3, 90, 7, 8, 91, 2, 3, 4, 5] and ids[start:] == [4, 5]
+    assert layout_tokens(ex, "append", None, echo=9)[0] == [1, 2, 3, 7, 8, 1, 2, 3, 4, 5]
+    assert layout_tokens(ex, "append", None, echo=0)[0] == [1, 2, 3, 7, 8, 4, 5]
+    short = Example(src=[1], e=[7], tgt=[4, 5], doc_id="d", passage_id=0)
+    batch = Collator("append", (90, 91), pad_id=0, echo=2)([ex, short])
+    assert batch["input_ids"][0].tolist() == ids
+    assert batch["labels"][0].tolist() == [-100] * 9 + [4, 5]
+    assert batch["input_ids"][1, -7:].tolist() == [1, 90, 7, 91, 1, 4, 5]
+    for layout in ("none", "prepend"):
+        with pytest.raises(ValueError, match="needs the append layout"):
+            layout_tokens(ex, layout, None, echo=1)
+        with pytest.raises(ValueError, match="needs the append layout"):
+            Collator(layout, None, echo=1)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="echo must be an int >= 0"):
+            layout_tokens(ex, "append", None, echo=bad)
+
+
 def test_target_nll_by_hand():
     logits = torch.zeros(1, 3, 4)
     logits[0, 0] = torch.tensor([0.0, 1.0, 2.0, 3.0])
@@ -254,16 +275,21 @@ def test_adapter_round_trip_gives_identical_logits(model, tok, setup, tmp_path):
         torch.testing.assert_close(merged(input_ids=batch["input_ids"]).logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_engine_scores_like_the_evaluator(model, tok, setup, tmp_path):
+@pytest.mark.parametrize("echo", [0, 3])
+def test_engine_scores_like_the_evaluator(model, tok, setup, tmp_path, echo):
     exs, folder = _train(model, tok, setup, tmp_path)
     fresh = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32, heads=4, kv_heads=2)
     loaded, tok2 = load_adapter(fresh, folder)
-    teacher = perplexity(loaded, tok2, exs[:6], "append", markers=True, progress=False)
+    teacher = perplexity(loaded, tok2, exs[:6], "append", markers=True, progress=False, echo=echo)
     engine = RALMGenerator(loaded, tok2, retriever=None, mode="none", stride=8)
     engine.markers = marker_ids(tok2)  # score in the append layout with markers
+    engine.echo_tokens = echo
     through_engine = engine_perplexity(engine, exs[:6])
     assert through_engine["tokens"] == teacher["tokens"]
     assert abs(through_engine["ppl"] - teacher["ppl"]) <= 1e-4 * teacher["ppl"]
+    if echo:  # the echo is really in both layouts: without it the number differs
+        plain = perplexity(loaded, tok2, exs[:6], "append", markers=True, progress=False)
+        assert abs(plain["ppl"] - teacher["ppl"]) > 1e-3 * teacher["ppl"]
 
 
 def test_adapter_errors(model, tok, setup, tmp_path):
