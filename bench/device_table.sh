@@ -13,14 +13,17 @@
 # Knobs: STEPS (fixed step count) or else TRAIN_S (training seconds, default 300) with a probe of
 # PROBE_STEPS (30) setting the count (at least MIN_STEPS, 100); TRAIN_TIMEOUT (TRAIN_S + 110, or
 # 480 with STEPS; keep the whole call under the device's 600 s),
-# ADAPTERS (which of append_markers prepend append append_markers_mlr3e-3 none to train; default
-# the first four; none = the N.+LoRA row, a LoRA with no passage),
+# ADAPTERS (which of append_markers prepend append append_markers_mlr3e-3 none
+# append_markers_echo4 append_markers_echo16 to train; default the first four; none = the N.+LoRA
+# row, a LoRA with no passage; append_markers_echoK = append+markers with a K-token context echo,
+# not in the paper),
 # EVAL_EVERY (score the 200 held-out examples every N steps: the learning curve, in the logs;
 # only with STEPS and a TRAIN_TIMEOUT that covers the scoring: the probe does not time it),
 # LORA_TARGETS (q_proj,k_proj,v_proj,o_proj), BATCH (32), LR (1e-3), DEVICE (cuda), PYTHON
 # (python3), SKIP_CUDA_TESTS=1, EXAMPLES_TAR (a smaller examples archive for a dry run on the
-# CPU). Output: $OUT (at most 8 files come back). A CPU dry run: DEVICE=cpu PYTHON=.venv/bin/python
-# SKIP_CUDA_TESTS=1 EXAMPLES_TAR=small.tar.xz STEPS=2 BATCH=2 TRAIN_TIMEOUT=300 (about 3 min).
+# CPU). Output: $OUT (at most 8 files come back: one archive per trained adapter, the logs
+# archive and the CUDA job's files, so at most 7 adapters, fewer with the CUDA tests).
+# A CPU dry run: DEVICE=cpu PYTHON=.venv/bin/python SKIP_CUDA_TESTS=1 EXAMPLES_TAR=small.tar.xz STEPS=2 BATCH=2 TRAIN_TIMEOUT=300 (about 3 min).
 # Measured on an H200 (2026-11-28): four trainings at once, batch 32, ran 3.6-3.8 steps/s each;
 # the probe, run while the CUDA build and tests shared the machine, read 390-520 ms/step (about
 # 1.6x too slow), so prefer STEPS once the rate is known (1,100 steps took 290-305 s).
@@ -77,7 +80,10 @@ RECIPES=("append_markers:--layout append --markers --marker-lr 1e-2"
          "prepend:--layout prepend --no-markers"
          "append:--layout append --no-markers"
          "append_markers_mlr3e-3:--layout append --markers --marker-lr 3e-3"
-         "none:--layout none --no-markers")  # N.+LoRA, not in the paper: only when asked for
+         "none:--layout none --no-markers"  # N.+LoRA, not in the paper: only when asked for
+         # not in the paper: the context's last 4 tokens again after <MARK_R> (--echo-tokens)
+         "append_markers_echo4:--layout append --markers --marker-lr 1e-2 --echo-tokens 4"
+         "append_markers_echo16:--layout append --markers --marker-lr 1e-2 --echo-tokens 16")
 ALL_NAMES="append_markers prepend append append_markers_mlr3e-3"
 CURVE_FLAGS=""  # the main training's --eval-every (EVAL_EVERY); the probe scores nothing
 NAMES="${ADAPTERS:-$ALL_NAMES}"  # the ones to train (ADAPTERS: a subset)
@@ -146,11 +152,16 @@ for name in append_markers append prepend none; do
 done
 "$PY" -m flashback_ext.cli eval --examples "$EXAMPLES" --device "$DEVICE" --batch-size 50 \
   "${ADAPTERS[@]}" --json "$WORK/logs/table_gpu.json" 2>&1 | tail -25
-if [ -f "$RUNS/append_markers_mlr3e-3/flashback_run.json" ]; then
+for name in $NAMES; do  # variants of the A.+LoRA+M.T. row, each against P.+LoRA when trained
+  case "$name" in append_markers_*) ;; *) continue ;; esac
+  [ -f "$RUNS/$name/flashback_run.json" ] || continue
+  VS=(--rows "A.+LoRA+M.T.")
+  [ -f "$RUNS/prepend/flashback_run.json" ] &&
+    VS=(--rows "P.+LoRA,A.+LoRA+M.T." --adapter "prepend=$RUNS/prepend")
   "$PY" -m flashback_ext.cli eval --examples "$EXAMPLES" --device "$DEVICE" --batch-size 50 \
-    --rows "A.+LoRA+M.T." --adapter "append_markers=$RUNS/append_markers_mlr3e-3" \
-    --json "$WORK/logs/table_gpu_mlr3e-3.json" 2>&1 | tail -12
-fi
+    "${VS[@]}" --adapter "append_markers=$RUNS/$name" \
+    --json "$WORK/logs/table_gpu_${name#append_markers_}.json" 2>&1 | tail -14
+done
 
 if [ -n "${CUDA_JOB:-}" ]; then
   step "waiting for the CUDA build and tests"
@@ -165,10 +176,14 @@ for name in $NAMES; do
   [ -f "$RUNS/$name/checkpoints/held_out_curve.json" ] &&
     cp "$RUNS/$name/checkpoints/held_out_curve.json" "$WORK/logs/held_out_curve_$name.json"
 done
-if [ -f "$WORK/logs/held_out_curve_append_markers.json" ] && [ -f "$WORK/logs/held_out_curve_prepend.json" ]; then
-  step "held-out learning curves (EVAL_EVERY)"
-  "$PY" bench/curves.py append_markers="$WORK/logs/held_out_curve_append_markers.json" \
-    prepend="$WORK/logs/held_out_curve_prepend.json" --ratio append_markers/prepend
+if [ -f "$WORK/logs/held_out_curve_prepend.json" ]; then
+  step "held-out learning curves (EVAL_EVERY), each against prepend"
+  for curve in "$WORK"/logs/held_out_curve_append_markers*.json; do
+    [ -f "$curve" ] || continue
+    name="$(basename "$curve" .json)"; name="${name#held_out_curve_}"
+    "$PY" bench/curves.py "$name=$curve" prepend="$WORK/logs/held_out_curve_prepend.json" \
+      --ratio "$name/prepend"
+  done
 fi
 tar -czf "$OUT/table_logs.tar.gz" -C "$WORK" logs
 step "done in $(( $(date +%s) - T0 )) s, train rc $TRAIN_RC"

@@ -133,7 +133,7 @@ def _settle_passage_tokens(args, adapter: Optional[Path]) -> None:
             pass  # loading the adapter reports it
     if getattr(args, "echo_tokens", None) is None:
         args.echo_tokens = echo
-    elif args.echo_tokens != echo:
+    elif adapter is not None and args.echo_tokens != echo:
         print(f"note: the adapter was trained with a {echo}-token context echo; --echo-tokens "
               f"{args.echo_tokens} is a layout it has not seen", file=sys.stderr)
     longest = spec.get("passage_tokens")
@@ -310,6 +310,8 @@ def cmd_generate(args) -> int:
 
     if not args.prompt:
         raise CliError("give at least one --prompt")
+    if args.echo_tokens and args.mode != "append":
+        raise CliError("--echo-tokens needs --mode append (the echo follows an appended passage)")
     model, tokenizer = _load(args)
     adapted = args.mode == "append" or args.adapter not in ("auto", "none")
     _settle_passage_tokens(args, _adapter_path(args) if adapted else None)
@@ -471,8 +473,13 @@ def cmd_train(args) -> int:
     """Train a FlashBack LoRA adapter (plus marker rows) on examples from the corpus."""
     from dataclasses import asdict
 
+    from .data import check_echo
     from .train import AdapterError, TrainSettings, train_adapter
 
+    try:  # before the model and examples load
+        check_echo(args.layout, args.echo_tokens)
+    except ValueError as exc:
+        raise CliError(f"--echo-tokens: {exc}") from None
     model, tokenizer = _load(args)
     spec, train, evals = _examples(args, tokenizer)
     settings = TrainSettings(layout=args.layout,

@@ -3,7 +3,8 @@
 One example = one retrieval: ``src`` (context), ``e`` (one retrieved passage, <= passage_tokens),
 ``tgt`` (the next ``stride`` tokens). Targets step by ``stride`` through each document; the query
 is the ``query_tokens`` tokens before the target; ``len(src) + len(e)`` is a random ``center`` in
-``[budget // 2, budget - stride - 1]`` so every example fits the token budget (the paper: 512).
+``[budget // 2, budget - stride - 1]`` so every example fits the token budget (the paper: 512;
+the markers and a context echo, below, come on top).
 
 Layouts (plain causal mask, contiguous positions; loss on ``tgt`` only):
 ``none = src | tgt``, ``prepend = E | src | tgt``, ``append = src | E | tgt`` with

@@ -255,11 +255,11 @@ class RALMGenerator:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
-    @torch.no_grad()
     def _echo(self, context: Sequence[int]) -> list[int]:
         """The context's last ``echo_tokens`` tokens, repeated after the passage."""
         return list(context[-self.echo_tokens:]) if self.echo_tokens else []
 
+    @torch.no_grad()
     def score(self, src: Sequence[int], passage: Sequence[int], tgt: Sequence[int],
               exclude_ids: Sequence[int] = ()) -> list[float]:
         """Log-probabilities of ``tgt`` after ``src | E`` computed the append-mode way: prefill,

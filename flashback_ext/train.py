@@ -214,6 +214,11 @@ def _warm_start(model, init_adapter, settings: TrainSettings, examples_spec: Opt
     so must the document split when both runs record it (else the new run could train on the
     documents the first one held out). Everything is checked before ``model`` is touched."""
     info = check_adapter_layout(init_adapter, settings.layout, settings.markers, "this run")
+    if int(info["settings"].get("echo_tokens", 0)) != settings.echo_tokens:
+        # allowed (a new run may teach a new echo), but not silently
+        logger.warning("adapter %s was trained with a %d-token context echo; this run uses %d",
+                       init_adapter, int(info["settings"].get("echo_tokens", 0)),
+                       settings.echo_tokens)
     theirs = info.get("examples_spec")
     if examples_spec and theirs:
         differ = [k for k in SPLIT_KEYS if k in theirs and theirs[k] != examples_spec.get(k)]

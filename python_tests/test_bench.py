@@ -93,3 +93,38 @@ def test_lm_head_cpu_bench_compares_both_orders(tmp_path):
     assert data["shape"] == [512, 32] and [r["rows"] for r in data["rows"]] == [1, 3]
     for row in data["rows"]:
         assert row["linear_ms"] > 0 and row["weight_major_ms"] > 0 and row["max_abs_diff"] < 1e-4
+
+
+def test_echo_diagnostic_scores_like_the_evaluator(tmp_path, monkeypatch):
+    """bench/echo_diagnostic.py on a tiny model: echo 0 is the library's A. row, an echo changes it."""
+    from flashback_ext.cli import main
+    from flashback_ext.evaluate import perplexity
+    from flashback_ext.experiment import load_exported_examples
+    from flashback_ext.models import tiny_llama
+    from toys import tiny_hf_tokenizer, word_docs
+
+    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path / "cache"))
+    tok = tiny_hf_tokenizer()
+    model_dir = tmp_path / "model"
+    model = tiny_llama(vocab_size=len(tok))
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for doc_id, _, text in word_docs(n_docs=6, words_per_doc=200):
+        (docs / f"{doc_id}.txt").write_text(text)
+    examples = tmp_path / "examples"
+    assert main(["examples", "--model", str(model_dir), "--corpus", str(docs), "--budget", "64",
+                 "--passage-tokens", "16", "--stride", "8", "--query-tokens", "6",
+                 "--max-eval-examples", "6", "--eval-fraction", "0.34", "--out", str(examples)]) == 0
+    out = tmp_path / "diag.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "echo_diagnostic.py"), "--model",
+                          str(model_dir), "--examples", str(examples), "--echo", "0,3",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["echo"]) for r in rows] == [("base", 0), ("base", 3)]
+    _, _, evals = load_exported_examples(examples, tok)
+    want = perplexity(model.eval(), tok, evals, "append", False, progress=False)["ppl"]
+    assert rows[0]["ppl"] == pytest.approx(want, rel=1e-5)
+    assert abs(rows[1]["ppl"] - want) > 1e-3 * want

@@ -66,6 +66,11 @@ def test_generate_and_index_commands(tiny_model_dir, corpus_dir, tmp_path, capsy
     (["train", "--out", "x", "--lr=-1e-4"], "--lr must be > 0"),
     (["train", "--out", "x", "--lora-targets", ","], "--lora-targets names no module"),
     (["index", "search", "--index", "/no/such/index", "q"], "no index at"),
+    (["train", "--out", "x", "--echo-tokens", "-1"], "echo must be an int >= 0"),
+    (["train", "--out", "x", "--layout", "prepend", "--echo-tokens", "2"], "needs the append layout"),
+    (["generate", "--prompt", "x", "--mode", "prepend", "--echo-tokens", "2"],
+     "--echo-tokens needs --mode append"),
+    (["generate", "--prompt", "x", "--echo-tokens", "-2"], "echo_tokens must be an int >= 0"),
 ])
 def test_bad_input_one_line_exit_2(argv, match, tiny_model_dir, corpus_dir, capsys):
     if "--model" not in argv and argv[0] == "generate":

@@ -108,7 +108,9 @@ def test_context_echo_follows_each_passage(tiny, markers):
     seq5 = r.trace[5][0]
     assert seq5[:12] == ctx and seq5[-4:] == ctx[-3:] + [r.token_ids[4]]
     assert len(seq5) == 12 + 10 + 2 * markers + 3 + 1  # the old passage and echo are gone
-    assert results[1].trace[0][0][-2:] == list(b"xy")  # a prompt shorter than the echo
+    short = results[1].trace[0][0]  # a prompt shorter than the echo: echoed whole
+    assert short[:2] == list(b"xy") and short[-2:] == list(b"xy")
+    assert len(short) == 2 + 10 + 2 * markers + 2
 
 
 @pytest.mark.parametrize("kwargs,match", [
