@@ -173,18 +173,19 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     assert main(["train", *common, "--steps", "1", "--layout", "prepend", "--no-markers",
                  "--echo-tokens", "2", "--out", str(tmp_path / "pe")]) == 2
     assert "needs the append layout" in capsys.readouterr().err
-    echo_demo = ["demo", "--model", str(tiny_model_dir), "--corpus", str(docs), "--device", "cpu",
-                 "--adapter", str(echoed), "--max-new-tokens", "4", "--stride", "2",
-                 "--long-context", "0", "--question", "what does yield do ?"]
+    def demo_with(adapter):
+        return ["demo", "--model", str(tiny_model_dir), "--corpus", str(docs), "--device", "cpu",
+                "--adapter", str(adapter), "--max-new-tokens", "4", "--stride", "2",
+                "--long-context", "0", "--question", "what does yield do ?"]
+
+    echo_demo = demo_with(echoed)
     assert main(echo_demo) == 0
     assert "FlashBack adapter " + str(echoed) + ", context echo 2;" in capsys.readouterr().out
     assert main([*echo_demo, "--echo-tokens", "0"]) == 0
     got = capsys.readouterr()
     assert ", context echo" not in got.out and "trained with a 2-token context echo" in got.err
     # generation reads passages as long as the adapter was trained on (16 here), unless told
-    demo = ["demo", "--model", str(tiny_model_dir), "--corpus", str(docs), "--device", "cpu",
-            "--adapter", str(out), "--max-new-tokens", "4", "--stride", "2", "--long-context", "0",
-            "--question", "what does yield do ?"]
+    demo = demo_with(out)
     assert main(demo) == 0
     assert "<= 16 tokens each); append mode: FlashBack adapter" in capsys.readouterr().out
     assert main([*demo, "--passage-tokens", "20"]) == 0
