@@ -95,11 +95,11 @@ def test_lm_head_cpu_bench_compares_both_orders(tmp_path):
         assert row["linear_ms"] > 0 and row["weight_major_ms"] > 0 and row["max_abs_diff"] < 1e-4
 
 
-def test_echo_diagnostic_scores_like_the_evaluator(tmp_path, monkeypatch):
-    """bench/echo_diagnostic.py on a tiny model: echo 0 is the library's A. row, an echo changes it."""
+@pytest.fixture
+def tiny_exported(tmp_path, monkeypatch):
+    """A tiny random Llama (saved), its tokenizer and held-out examples exported from a small
+    word corpus: ``(model, tokenizer, model_dir, examples_dir)``."""
     from flashback_ext.cli import main
-    from flashback_ext.evaluate import perplexity
-    from flashback_ext.experiment import load_exported_examples
     from flashback_ext.models import tiny_llama
     from toys import tiny_hf_tokenizer, word_docs
 
@@ -117,6 +117,15 @@ def test_echo_diagnostic_scores_like_the_evaluator(tmp_path, monkeypatch):
     assert main(["examples", "--model", str(model_dir), "--corpus", str(docs), "--budget", "64",
                  "--passage-tokens", "16", "--stride", "8", "--query-tokens", "6",
                  "--max-eval-examples", "6", "--eval-fraction", "0.34", "--out", str(examples)]) == 0
+    return model.eval(), tok, model_dir, examples
+
+
+def test_echo_diagnostic_scores_like_the_evaluator(tmp_path, tiny_exported):
+    """bench/echo_diagnostic.py on a tiny model: echo 0 is the library's A. row, an echo changes it."""
+    from flashback_ext.evaluate import perplexity
+    from flashback_ext.experiment import load_exported_examples
+
+    model, tok, model_dir, examples = tiny_exported
     out = tmp_path / "diag.json"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "echo_diagnostic.py"), "--model",
                           str(model_dir), "--examples", str(examples), "--echo", "0,3",
@@ -125,6 +134,57 @@ def test_echo_diagnostic_scores_like_the_evaluator(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["echo"]) for r in rows] == [("base", 0), ("base", 3)]
     _, _, evals = load_exported_examples(examples, tok)
-    want = perplexity(model.eval(), tok, evals, "append", False, progress=False)["ppl"]
+    want = perplexity(model, tok, evals, "append", False, progress=False)["ppl"]
     assert rows[0]["ppl"] == pytest.approx(want, rel=1e-5)
     assert abs(rows[1]["ppl"] - want) > 1e-3 * want
+
+
+def test_passage_leak_diagnostic_swaps_only_the_passage(tmp_path, tiny_exported):
+    """bench/passage_leak_diagnostic.py on a tiny model: it re-finds every exported passage (same
+    corpus and retriever), its unfiltered passages mostly come from the target's own document,
+    the rows equal the evaluator's on each set of examples, and a wrong adapter is refused."""
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import passage_leak_diagnostic as diag
+    from flashback_ext.evaluate import perplexity
+    from flashback_ext.experiment import load_exported_examples
+
+    model, tok, model_dir, examples = tiny_exported
+    out = tmp_path / "leak.json"
+    script = str(ROOT / "bench" / "passage_leak_diagnostic.py")
+    res = subprocess.run([sys.executable, script, "--model", str(model_dir), "--examples",
+                          str(examples), "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    spec, _, evals = load_exported_examples(examples, tok)
+    stats = data["passages"]
+    assert stats["examples"] == len(evals) == 6
+    assert stats["clean_passages_reproduced"] == len(evals)
+    # the query's own window matches all its words: the unfiltered top hit is from its document
+    assert stats["official_same_document"] >= 0.5
+    official, again = diag.swap_passages(evals, spec, tok, progress=False)
+    assert again == stats
+    for old, new in zip(evals, official):  # only the passage changes
+        assert (new.src, new.tgt, new.doc_id) == (old.src, old.tgt, old.doc_id)
+        assert len(new.e) <= spec.passage_tokens
+    assert any(new.e != old.e for old, new in zip(evals, official))
+    for name, exs in (("clean", evals), ("official", official)):
+        for row, layout in (("N.", "none"), ("P.", "prepend"), ("A.", "append")):
+            want = perplexity(model, tok, exs, layout, False, progress=False)["ppl"]
+            assert data["rows"][name][row]["ppl"] == pytest.approx(want, rel=1e-5)
+    # an adapter folder of the wrong kind for its row is refused before any scoring
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "adapter_config.json").write_text("{}")
+    (fake / "flashback_run.json").write_text(json.dumps(
+        {"settings": {"layout": "append", "markers": True}, "base": "x"}))
+    res = subprocess.run([sys.executable, script, "--model", str(model_dir), "--examples",
+                          str(examples), "--prepend", str(fake), "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "not a P.+LoRA adapter" in res.stderr
+    # contexts shorter than the query cannot have been built by the recipe
+    with pytest.raises(SystemExit, match="shorter than the query"):
+        diag.swap_passages([dataclasses.replace(evals[0], src=evals[0].src[:2])], spec, tok,
+                           progress=False)
