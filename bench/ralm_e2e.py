@@ -9,6 +9,8 @@ in the timed loop). Modes:
 * ``engine-append`` / ``engine-prepend`` / ``engine-none``: :class:`flashback_ext.RALMGenerator`
   (patched attention, RingKVCache, O(1) rollback; CUDA-graph decode on the GPU);
 * ``eager-append`` / ``eager-prepend``: the same engine without CUDA graphs (what graphs buy);
+* ``engine-echo``: engine append with a context echo of ``--echo-tokens K`` tokens after each
+  passage (not in the paper; the block grows by K tokens); added to the default modes when K > 0;
 * ``hf-append``: HF eager + ``DynamicCache``: crop to ``t - stride``, forward
   ``[last stride | passage]``, decode ``stride`` tokens (the official FlashBack loop);
 * ``hf-prepend``: HF eager, re-encode ``[passage | context]`` from scratch every cycle.
@@ -97,11 +99,12 @@ def build_model(name: str, device: torch.device):
 
 
 @torch.no_grad()
-def engine_cycle(model, mode, contexts, stride, passage, cycles, graphs) -> dict:
+def engine_cycle(model, mode, contexts, stride, passage, cycles, graphs, echo=0) -> dict:
     """Warm up, then time ``cycles + 1`` retrieval cycles for a batch of contexts."""
     vocab = model.config.vocab_size
     engine = RALMGenerator(model, IdTokenizer(), RandomPassages(vocab, passage), mode=mode,
-                           stride=stride, passage_tokens=passage, cuda_graphs=graphs)
+                           stride=stride, passage_tokens=passage, cuda_graphs=graphs,
+                           echo_tokens=echo)
     new = stride * (cycles + 1)
     engine.generate_ids(contexts, new, stop_on_eos=False)  # warm-up: capture, workspaces
     t = engine.generate_ids(contexts, new, stop_on_eos=False)[0].timing
@@ -189,11 +192,22 @@ def main() -> None:
                              " (plus eager-append,eager-prepend on cuda)")
     parser.add_argument("--batch", type=int, default=0,
                         help="also time engine-append on this many prompts of different lengths")
+    parser.add_argument("--echo-tokens", type=int, default=0,
+                        help="K > 0 also times engine-echo: append with a K-token context echo")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.echo_tokens < 0:
+        parser.error(f"--echo-tokens must be >= 0, got {args.echo_tokens}")
     device = torch.device(args.device)
     modes = (args.modes or "engine-append,engine-prepend,hf-append,hf-prepend,engine-none"
-             + (",eager-append,eager-prepend" if args.device == "cuda" else "")).split(",")
+             + (",eager-append,eager-prepend" if args.device == "cuda" else "")
+             + (",engine-echo" if args.echo_tokens else "")).split(",")
+    known = {f"{k}-{m}" for k in ("engine", "eager") for m in ("append", "prepend", "none", "echo")}
+    known |= {"hf-append", "hf-prepend"}
+    if set(modes) - known:
+        parser.error(f"unknown modes {sorted(set(modes) - known)}; known: {sorted(known)}")
+    if any(m.endswith("-echo") for m in modes) and not args.echo_tokens:
+        parser.error("the echo modes need --echo-tokens K > 0")
     name = args.model or ("default" if args.device == "cpu" else "llama2-7b-shape")
     contexts = [int(x) for x in (args.contexts or ("512,1024,2048" if args.device == "cpu"
                                                    else "1024,4096,8192,16384,32768")).split(",")]
@@ -212,6 +226,7 @@ def main() -> None:
                                    "model": name, "ceilings": ceilings,
                                    "weights_GB": weights / 2**30, "stride": args.stride,
                                    "passage": args.passage, "cycles": args.cycles,
+                                   "echo_tokens": args.echo_tokens,
                                    "torch": torch.__version__, "rows": rows}, indent=1))
 
     for length in contexts:
@@ -224,8 +239,10 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             if kind in ("engine", "eager"):
-                detail = engine_cycle(model, layout, [context], args.stride, args.passage,
-                                      args.cycles, None if kind == "engine" else False)
+                echo = args.echo_tokens if layout == "echo" else 0
+                detail = engine_cycle(model, "append" if echo else layout, [context], args.stride,
+                                      args.passage, args.cycles,
+                                      None if kind == "engine" else False, echo)
                 ms = detail["cycle_ms"]
             else:
                 unpatch_model(model)

@@ -39,6 +39,26 @@ def test_ralm_e2e_batch_case_without_prepend(tmp_path):
     assert batch["cycle_tokens_per_s"] > batch["tokens_per_s"]
 
 
+def test_ralm_e2e_times_the_echo_mode_beside_append(tmp_path):
+    out = tmp_path / "echo.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "ralm_e2e.py"), "--model", "tiny", "--contexts",
+           "40", "--cycles", "1", "--stride", "4", "--passage", "8"]
+    res = subprocess.run(cmd + ["--modes", "engine-append,engine-echo", "--echo-tokens", "3",
+                                "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["echo_tokens"] == 3
+    row = data["rows"][0]
+    for mode in ("engine-append", "engine-echo"):  # the same cycles, one with a longer block
+        assert row[mode] > 0 and row["detail"][mode]["block_ms"] > 0
+        assert row["detail"][mode]["decode_steps"] == row["detail"]["engine-append"]["decode_steps"]
+    for bad, says in ((["--modes", "engine-echo"], "need --echo-tokens"),
+                      (["--echo-tokens", "-1"], "must be >= 0"),
+                      (["--modes", "hf-echo", "--echo-tokens", "2"], "unknown modes ['hf-echo']")):
+        res = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=300)
+        assert res.returncode != 0 and says in res.stderr
+
+
 def test_kernel_case_reports_peers_and_checks_itself():
     sys.path.insert(0, str(ROOT / "bench"))
     import kernels
