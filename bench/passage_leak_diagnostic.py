@@ -26,15 +26,12 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LEAK_NGRAM = 8  # the span the example builder refuses to share with the target
-
-
-def _ngrams(ids, n):
-    return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
+LEAK_NGRAM = 8  # the span the example builder refuses to share with the target (its default)
 
 
 def swap_passages(evals, spec, tokenizer, progress=True):
     """``(official, stats)``: the examples with the top unfiltered hit as their passage."""
+    from flashback_ext.data import _ngrams  # the builder's own span test
     from flashback_ext.experiment import load_documents
     from flashback_ext.retrieval import BM25Retriever, Corpus
 
