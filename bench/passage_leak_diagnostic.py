@@ -1,24 +1,27 @@
-"""Held-out perplexity when the passage may contain the target, as in the official FlashBack data,
-against the library's leak-controlled passages, for the same contexts and targets.
+"""Held-out perplexity when the passage may contain the target, against the library's
+leak-controlled passages, for the same contexts and targets.
 
-The released FlashBack scripts retrieve the evaluated split's passages from an index that holds
-that split itself, with nothing that stops a passage from containing the target; the library's
-examples never take a passage from the target's own document or one sharing an 8-token span with
-the target. This rescores exported held-out examples with the passage swapped for the top BM25
-hit of the same query with no exclusion (everything else unchanged) and reports how often that
-passage comes from the same document or contains the target, and what it does to the rows:
+The library's examples never take a passage from the target's own document or one sharing an
+8-token span with the target. The released FlashBack scripts check neither a passage's overlap
+with the target nor, with the index their README builds (chunks of WikiText-103's validation and
+test splits), its document: their title filter compares a chunk's first line with article titles,
+which matches the Wikipedia-DPR index of their ``data_prepare.sh`` but not those chunks. This
+rescores exported held-out examples with the passage swapped for the top BM25 hit of the same
+query with no exclusion at all ("unfiltered"; everything else unchanged), and reports how often
+that passage comes from the same document or contains the target, and what it does to the rows:
 
     python bench/passage_leak_diagnostic.py --examples DIR [--prepend DIR] [--append-markers DIR]
 
 ``DIR`` is an examples folder (``flashback examples --out``). The leak-controlled passages are
-first re-retrieved the way the examples were built, to check that the corpus and retriever here
-are the ones that built them (``clean_passages_reproduced``). Writes JSON (``--out``, default
-``bench/results/passage_leak_diagnostic.json``).
+first re-retrieved the way the examples were built; unless all of them come back, the corpus or
+retriever here is not the one that built them and the script stops. Writes JSON (``--out``,
+default ``bench/results/passage_leak_diagnostic.json``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -27,11 +30,12 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEAK_NGRAM = 8  # the span the example builder refuses to share with the target (its default)
+CLEAN_HITS = 4  # how many hits the builder asks for before it gives up on a target
 
 
 def swap_passages(evals, spec, tokenizer, progress=True):
-    """``(official, stats)``: the examples with the top unfiltered hit as their passage."""
-    from flashback_ext.data import _ngrams  # the builder's own span test
+    """``(unfiltered, stats)``: the examples with the top unfiltered hit as their passage."""
+    from flashback_ext.data import passage_leaks
     from flashback_ext.experiment import load_documents
     from flashback_ext.retrieval import BM25Retriever, Corpus
 
@@ -43,28 +47,29 @@ def swap_passages(evals, spec, tokenizer, progress=True):
     retriever = BM25Retriever(Corpus.from_documents(docs, tokenizer, spec.passage_tokens,
                                                     progress=progress))
     queries = [tokenizer.decode(ex.src[-spec.query_tokens:]) for ex in evals]
-    # the builder's own choice again: k=4, other documents only, first hit not sharing a span
-    clean_hits = retriever.search_batch(queries, k=4, exclude_doc_ids=[[ex.doc_id] for ex in evals])
+    # the builder's own choice again: other documents only, the first hit not sharing a span
+    clean_hits = retriever.search_batch(queries, k=CLEAN_HITS,
+                                        exclude_doc_ids=[[ex.doc_id] for ex in evals])
     reproduced = 0
     for ex, hits in zip(evals, clean_hits):
-        n = min(LEAK_NGRAM, len(ex.tgt))
-        grams = _ngrams(ex.tgt, n)
-        first = next((h for h in hits if h.passage.token_ids[:spec.passage_tokens]
-                      and not grams & _ngrams(h.passage.token_ids[:spec.passage_tokens], n)), None)
+        first = next((h for h in hits if not passage_leaks(
+            h.passage.token_ids[:spec.passage_tokens], ex.tgt, LEAK_NGRAM)), None)
         reproduced += first is not None and first.passage.id == ex.passage_id
-    official, same_doc, shares_span, has_target = [], 0, 0, 0
+    if reproduced != len(evals):
+        raise SystemExit(f"only {reproduced} of {len(evals)} leak-controlled passages came back: "
+                         f"the corpus or retriever here did not build these examples")
+    unfiltered, same_doc, shares_span, has_target = [], 0, 0, 0
     for ex, hits in zip(evals, retriever.search_batch(queries, k=1)):
         e = list(hits[0].passage.token_ids[:spec.passage_tokens])
-        n = min(LEAK_NGRAM, len(ex.tgt))
         same_doc += hits[0].passage.doc_id == ex.doc_id
-        shares_span += bool(_ngrams(ex.tgt, n) & _ngrams(e, n))
-        has_target += bool(_ngrams(ex.tgt, len(ex.tgt)) & _ngrams(e, len(ex.tgt)))
-        official.append(dataclasses.replace(ex, e=e, passage_id=hits[0].passage.id))
+        shares_span += passage_leaks(e, ex.tgt, LEAK_NGRAM)
+        has_target += passage_leaks(e, ex.tgt, len(ex.tgt))
+        unfiltered.append(dataclasses.replace(ex, e=e, passage_id=hits[0].passage.id))
     total = len(evals)
-    return official, {"examples": total, "clean_passages_reproduced": reproduced,
-                      "official_same_document": same_doc / total,
-                      f"official_shares_{LEAK_NGRAM}_token_span_with_target": shares_span / total,
-                      "official_contains_whole_target": has_target / total}
+    return unfiltered, {"examples": total, "clean_passages_reproduced": reproduced,
+                        "unfiltered_same_document": same_doc / total,
+                        f"unfiltered_shares_{LEAK_NGRAM}_token_span_with_target": shares_span / total,
+                        "unfiltered_contains_whole_target": has_target / total}
 
 
 def main(argv=None) -> int:
@@ -81,17 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS / "passage_leak_diagnostic.json"))
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    base, tok = load_model(args.model, device="cpu")
-    spec, _, evals = load_exported_examples(args.examples, tok)
-    evals = evals[: args.max_examples]
-    official, stats = swap_passages(evals, spec, tok)
-    print(json.dumps(stats), flush=True)
-    sets = {"clean": evals, "official": official}
-
-    # (row, adapter folder or None, layout, markers)
+    # adapters first: a wrong folder fails before the index is built
     settings = [("N.", None, "none", False), ("P.", None, "prepend", False),
-                ("A.", None, "append", False)]
+                ("A.", None, "append", False)]  # (row, adapter folder or None, layout, markers)
     for row, folder, layout, markers in (("P.+LoRA", args.prepend, "prepend", False),
                                          ("A.+LoRA+M.T.", args.append_markers, "append", True)):
         if folder is None:
@@ -101,6 +98,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"{folder} was trained with layout {got['layout']}, markers "
                              f"{got['markers']}: not a {row} adapter")
         settings.append((row, folder, layout, markers))
+    torch.manual_seed(0)
+    base, tok = load_model(args.model, device="cpu")
+    spec, _, evals = load_exported_examples(args.examples, tok)
+    evals = evals[: args.max_examples]
+    unfiltered, stats = swap_passages(evals, spec, tok)
+    print(json.dumps(stats), flush=True)
+    sets = {"clean": evals, "unfiltered": unfiltered}
 
     results: dict[str, dict[str, dict]] = {name: {} for name in sets}
     for row, folder, layout, markers in settings:
@@ -108,14 +112,14 @@ def main(argv=None) -> int:
         if folder is not None:
             model, mtok = load_adapter(load_model(args.model, device="cpu")[0], folder, merge=True)
         for name, examples in sets.items():
-            if layout == "none" and name == "official":
+            if layout == "none" and name == "unfiltered":
                 results[name][row] = results["clean"][row]  # no passage: the same inputs
                 continue
             start = time.perf_counter()
             r = perplexity(model, mtok, examples, layout, markers, progress=False)
             r["seconds"] = time.perf_counter() - start
             results[name][row] = r
-            print(f"{name:>8} {row:<13} ppl {r['ppl']:8.3f}  NLL @0-3 "
+            print(f"{name:>10} {row:<13} ppl {r['ppl']:8.3f}  NLL @0-3 "
                   + " ".join(f"{x:.3f}" for x in r["nll_by_position"][:4]), flush=True)
 
     summary = {}
@@ -125,14 +129,16 @@ def main(argv=None) -> int:
         if "P.+LoRA" in rows and "A.+LoRA+M.T." in rows:
             ratio, low, high = ratio_interval(rows["A.+LoRA+M.T."], rows["P.+LoRA"])
             summary[name]["A.+LoRA+M.T. / P.+LoRA"] = {"ratio": ratio, "interval_95": [low, high]}
-            print(f"{name:>8} A.+LoRA+M.T. / P.+LoRA = {ratio:.3f} (95% paired bootstrap "
+            print(f"{name:>10} A.+LoRA+M.T. / P.+LoRA = {ratio:.3f} (95% paired bootstrap "
                   f"{low:.3f}-{high:.3f})", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "what": "held-out perplexity with the library's leak-controlled passages (clean) and "
-                "with the top unfiltered BM25 hit (official), same contexts and targets",
-        "examples": args.examples, "prepend": args.prepend, "append_markers": args.append_markers,
+                "with the top unfiltered BM25 hit (unfiltered), same contexts and targets",
+        "examples": args.examples, "examples_spec": dataclasses.asdict(spec),
+        "eval_json_md5": hashlib.md5((Path(args.examples) / "eval.json").read_bytes()).hexdigest(),
+        "prepend": args.prepend, "append_markers": args.append_markers,
         "device": f"cpu, {torch.get_num_threads()} threads, fp32", "passages": stats,
         "rows": summary}, indent=1))
     print(f"written to {out}")

@@ -9,8 +9,9 @@ in the timed loop). Modes:
 * ``engine-append`` / ``engine-prepend`` / ``engine-none``: :class:`flashback_ext.RALMGenerator`
   (patched attention, RingKVCache, O(1) rollback; CUDA-graph decode on the GPU);
 * ``eager-append`` / ``eager-prepend``: the same engine without CUDA graphs (what graphs buy);
-* ``engine-echo``: engine append with a context echo of ``--echo-tokens K`` tokens after each
-  passage (not in the paper; the block grows by K tokens); added to the default modes when K > 0;
+* ``engine-echo`` / ``eager-echo``: append with a context echo of ``--echo-tokens K`` tokens
+  after each passage (not in the paper; the block grows by K tokens); engine-echo joins the
+  default modes when K > 0;
 * ``hf-append``: HF eager + ``DynamicCache``: crop to ``t - stride``, forward
   ``[last stride | passage]``, decode ``stride`` tokens (the official FlashBack loop);
 * ``hf-prepend``: HF eager, re-encode ``[passage | context]`` from scratch every cycle.
@@ -54,7 +55,10 @@ class RandomPassages:
         for _ in queries:
             ids = torch.randint(100, self.vocab, (self.length,), generator=self.gen).tolist()
             self.count += 1
-            out.append([Hit(Passage(self.count, "random", "random", "", ids), 0.0)])
+            # the text must be what the tokenizer decodes the ids to: the engine re-encodes the
+            # text of a passage whose ids do not decode to it (an index built with another tokenizer)
+            text = IdTokenizer().decode(ids)
+            out.append([Hit(Passage(self.count, "random", "random", text, ids), 0.0)])
         return out
 
 
@@ -113,6 +117,7 @@ def engine_cycle(model, mode, contexts, stride, passage, cycles, graphs, echo=0)
     engine.release_graphs()
     return {"cycle_ms": 1e3 * busy / cycles_run, "decode_ms_per_token": t.ms_per_token,
             "block_ms": 1e3 * t.block_s / max(1, t.retrievals),
+            "block_tokens": t.block_tokens / max(1, t.retrievals),
             "tokens_per_s": len(contexts) * new / max(busy + t.prefill_s, 1e-9),
             # without the one-off prompt prefill: the rate once generation is under way
             "cycle_tokens_per_s": len(contexts) * new / max(busy, 1e-9),
@@ -206,8 +211,8 @@ def main() -> None:
     known |= {"hf-append", "hf-prepend"}
     if set(modes) - known:
         parser.error(f"unknown modes {sorted(set(modes) - known)}; known: {sorted(known)}")
-    if any(m.endswith("-echo") for m in modes) and not args.echo_tokens:
-        parser.error("the echo modes need --echo-tokens K > 0")
+    if any(m.endswith("-echo") for m in modes) != bool(args.echo_tokens):
+        parser.error("the echo modes need --echo-tokens K > 0, and --echo-tokens an echo mode")
     name = args.model or ("default" if args.device == "cpu" else "llama2-7b-shape")
     contexts = [int(x) for x in (args.contexts or ("512,1024,2048" if args.device == "cpu"
                                                    else "1024,4096,8192,16384,32768")).split(",")]

@@ -94,6 +94,13 @@ def _ngrams(ids: Sequence[int], n: int) -> set[tuple[int, ...]]:
     return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
 
 
+def passage_leaks(passage: Sequence[int], target: Sequence[int], leak_ngram: int = 8) -> bool:
+    """Whether ``passage`` shares a ``leak_ngram``-token span with ``target`` (the whole target if
+    it is shorter), or is empty: the example builder never uses such a passage."""
+    n = min(leak_ngram, len(target))
+    return not passage or bool(_ngrams(target, n) & _ngrams(passage, n))
+
+
 def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *, stride: int = 16,
                    query_tokens: int = 32, passage_tokens: int = 128, budget: int = 512,
                    seed: int = 0, max_examples: Optional[int] = None,
@@ -147,14 +154,13 @@ def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *
         hits = retriever.search_batch(queries, k=4, exclude_doc_ids=excl)
         for (doc_id, ids, t), doc_hits in zip(part, hits):
             tgt = ids[t:t + stride]
-            grams = _ngrams(tgt, min(leak_ngram, len(tgt)))
             for hit in doc_hits:
                 # the draw only when asked: the recipe's examples stay those of earlier releases
                 keep = rng.randint(min_passage_tokens, passage_tokens) if min_passage_tokens \
                     else passage_tokens
                 e = list(hit.passage.token_ids[:keep])
-                if not e or grams & _ngrams(e, min(leak_ngram, len(tgt))):
-                    continue  # leaks the target
+                if passage_leaks(e, tgt, leak_ngram):
+                    continue
                 center = rng.randint(budget // 2, budget - stride - 1)
                 src = ids[max(0, t - max(1, center - len(e))):t]
                 examples.append(Example(src, e, tgt, doc_id, hit.passage.id))

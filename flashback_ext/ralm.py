@@ -55,6 +55,7 @@ class Timing:
     decode_steps: int = 0
     graph_steps: int = 0  # decode steps run by the DecodeGraph (CUDA replays; its static step elsewhere)
     retrievals: int = 0
+    block_tokens: int = 0  # tokens forwarded in retrieval blocks, the whole batch
 
     @property
     def ms_per_token(self) -> float:
@@ -358,6 +359,8 @@ class RALMGenerator:
             for b, block in enumerate(blocks):
                 views[b] = ([] if reset else views[b]) + block
             counts = [len(block) for block in blocks]
+            if kind == "block":
+                timing.block_tokens += sum(counts)
             if kind == "decode" and decoder is not None and decoder.fits(counts):
                 out = decoder.step([block[0] if block else None for block in blocks])
                 logits = [out[b] if counts[b] else None for b in range(batch)]

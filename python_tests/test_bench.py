@@ -52,7 +52,11 @@ def test_ralm_e2e_times_the_echo_mode_beside_append(tmp_path):
     for mode in ("engine-append", "engine-echo"):  # the same cycles, one with a longer block
         assert row[mode] > 0 and row["detail"][mode]["block_ms"] > 0
         assert row["detail"][mode]["decode_steps"] == row["detail"]["engine-append"]["decode_steps"]
+    # [last stride | passage] (no markers: the id tokenizer has none), then 3 echo tokens more
+    assert row["detail"]["engine-append"]["block_tokens"] == 4 + 8
+    assert row["detail"]["engine-echo"]["block_tokens"] == 4 + 8 + 3
     for bad, says in ((["--modes", "engine-echo"], "need --echo-tokens"),
+                      (["--modes", "engine-append", "--echo-tokens", "2"], "an echo mode"),
                       (["--echo-tokens", "-1"], "must be >= 0"),
                       (["--modes", "hf-echo", "--echo-tokens", "2"], "unknown modes ['hf-echo']")):
         res = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=300)
@@ -159,13 +163,13 @@ def test_echo_diagnostic_scores_like_the_evaluator(tmp_path, tiny_exported):
     assert abs(rows[1]["ppl"] - want) > 1e-3 * want
 
 
-def test_passage_leak_diagnostic_swaps_only_the_passage(tmp_path, tiny_exported):
+def test_passage_leak_diagnostic_swaps_only_the_passage(tmp_path, tiny_exported, monkeypatch):
     """bench/passage_leak_diagnostic.py on a tiny model: it re-finds every exported passage (same
     corpus and retriever), its unfiltered passages mostly come from the target's own document,
     the rows equal the evaluator's on each set of examples, and a wrong adapter is refused."""
     import dataclasses
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import passage_leak_diagnostic as diag
     from flashback_ext.evaluate import perplexity
     from flashback_ext.experiment import load_exported_examples
@@ -183,14 +187,14 @@ def test_passage_leak_diagnostic_swaps_only_the_passage(tmp_path, tiny_exported)
     assert stats["examples"] == len(evals) == 6
     assert stats["clean_passages_reproduced"] == len(evals)
     # the query's own window matches all its words: the unfiltered top hit is from its document
-    assert stats["official_same_document"] >= 0.5
-    official, again = diag.swap_passages(evals, spec, tok, progress=False)
+    assert stats["unfiltered_same_document"] >= 0.5
+    unfiltered, again = diag.swap_passages(evals, spec, tok, progress=False)
     assert again == stats
-    for old, new in zip(evals, official):  # only the passage changes
+    for old, new in zip(evals, unfiltered):  # only the passage changes
         assert (new.src, new.tgt, new.doc_id) == (old.src, old.tgt, old.doc_id)
         assert len(new.e) <= spec.passage_tokens
-    assert any(new.e != old.e for old, new in zip(evals, official))
-    for name, exs in (("clean", evals), ("official", official)):
+    assert any(new.e != old.e for old, new in zip(evals, unfiltered))
+    for name, exs in (("clean", evals), ("unfiltered", unfiltered)):
         for row, layout in (("N.", "none"), ("P.", "prepend"), ("A.", "append")):
             want = perplexity(model, tok, exs, layout, False, progress=False)["ppl"]
             assert data["rows"][name][row]["ppl"] == pytest.approx(want, rel=1e-5)
@@ -204,6 +208,10 @@ def test_passage_leak_diagnostic_swaps_only_the_passage(tmp_path, tiny_exported)
                           str(examples), "--prepend", str(fake), "--out", str(tmp_path / "x.json")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "not a P.+LoRA adapter" in res.stderr
+    # examples this corpus and retriever did not build are refused
+    moved = [dataclasses.replace(evals[0], passage_id=evals[0].passage_id + 1)] + evals[1:]
+    with pytest.raises(SystemExit, match=f"only {len(evals) - 1} of {len(evals)} leak-controlled"):
+        diag.swap_passages(moved, spec, tok, progress=False)
     # contexts shorter than the query cannot have been built by the recipe
     with pytest.raises(SystemExit, match="shorter than the query"):
         diag.swap_passages([dataclasses.replace(evals[0], src=evals[0].src[:2])], spec, tok,

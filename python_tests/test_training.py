@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashback_ext.data import (Collator, DataError, Example, build_examples, layout_tokens,
-                                split_by_document, target_nll,
+                                passage_leaks, split_by_document, target_nll,
                                 target_token_nll)
 from flashback_ext.evaluate import engine_perplexity, perplexity, position_table
 from flashback_ext.marking import add_marking_tokens, marker_ids
@@ -69,6 +69,16 @@ def test_example_builder_invariants(tok, setup):
     again = build_examples(train_docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
                            budget=64, seed=3, max_examples=40, progress=False)
     assert again == exs  # seeded
+
+
+def test_passage_leaks_is_the_builder_span_rule():
+    target = list(range(100, 116))
+    assert passage_leaks([], target)  # nothing to read: unusable
+    assert passage_leaks([1, 2] + target[3:11] + [3], target)  # an 8-token span of the target
+    assert not passage_leaks([1, 2] + target[3:10] + [3], target)  # 7 tokens only
+    assert not passage_leaks(target[3:11], target, leak_ngram=9)
+    assert passage_leaks([5, 100, 101, 102, 6], [100, 101, 102])  # short target: all of it
+    assert not passage_leaks([5, 100, 101, 6], [100, 101, 102])
 
 
 def _target_starts(exs, docs, tok):
