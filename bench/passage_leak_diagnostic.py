@@ -29,31 +29,26 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LEAK_NGRAM = 8  # the span the example builder refuses to share with the target (its default)
-CLEAN_HITS = 4  # how many hits the builder asks for before it gives up on a target
 
 
 def swap_passages(evals, spec, tokenizer, progress=True):
     """``(unfiltered, stats)``: the examples with the top unfiltered hit as their passage."""
-    from flashback_ext.data import passage_leaks
-    from flashback_ext.experiment import load_documents
-    from flashback_ext.retrieval import BM25Retriever, Corpus
+    from flashback_ext.data import HITS_PER_TARGET, LEAK_NGRAM, passage_leaks
+    from flashback_ext.experiment import example_retriever, load_documents
 
     short = [i for i, ex in enumerate(evals) if len(ex.src) < spec.query_tokens]
     if short:
         raise SystemExit(f"examples {short[:5]} have contexts shorter than the query "
                          f"({spec.query_tokens} tokens): not built by the library's recipe")
-    docs = load_documents(spec.corpus)
-    retriever = BM25Retriever(Corpus.from_documents(docs, tokenizer, spec.passage_tokens,
-                                                    progress=progress))
+    retriever = example_retriever(load_documents(spec.corpus), tokenizer, spec, progress)
     queries = [tokenizer.decode(ex.src[-spec.query_tokens:]) for ex in evals]
     # the builder's own choice again: other documents only, the first hit not sharing a span
-    clean_hits = retriever.search_batch(queries, k=CLEAN_HITS,
+    clean_hits = retriever.search_batch(queries, k=HITS_PER_TARGET,
                                         exclude_doc_ids=[[ex.doc_id] for ex in evals])
     reproduced = 0
     for ex, hits in zip(evals, clean_hits):
         first = next((h for h in hits if not passage_leaks(
-            h.passage.token_ids[:spec.passage_tokens], ex.tgt, LEAK_NGRAM)), None)
+            h.passage.token_ids[:spec.passage_tokens], ex.tgt)), None)
         reproduced += first is not None and first.passage.id == ex.passage_id
     if reproduced != len(evals):
         raise SystemExit(f"only {reproduced} of {len(evals)} leak-controlled passages came back: "
@@ -62,7 +57,7 @@ def swap_passages(evals, spec, tokenizer, progress=True):
     for ex, hits in zip(evals, retriever.search_batch(queries, k=1)):
         e = list(hits[0].passage.token_ids[:spec.passage_tokens])
         same_doc += hits[0].passage.doc_id == ex.doc_id
-        shares_span += passage_leaks(e, ex.tgt, LEAK_NGRAM)
+        shares_span += passage_leaks(e, ex.tgt)
         has_target += passage_leaks(e, ex.tgt, len(ex.tgt))
         unfiltered.append(dataclasses.replace(ex, e=e, passage_id=hits[0].passage.id))
     total = len(evals)

@@ -94,7 +94,12 @@ def _ngrams(ids: Sequence[int], n: int) -> set[tuple[int, ...]]:
     return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
 
 
-def passage_leaks(passage: Sequence[int], target: Sequence[int], leak_ngram: int = 8) -> bool:
+LEAK_NGRAM = 8  # a passage sharing a span this long with the target is never used
+HITS_PER_TARGET = 4  # hits fetched per target; the first usable one is kept
+
+
+def passage_leaks(passage: Sequence[int], target: Sequence[int],
+                  leak_ngram: int = LEAK_NGRAM) -> bool:
     """Whether ``passage`` shares a ``leak_ngram``-token span with ``target`` (the whole target if
     it is shorter), or is empty: the example builder never uses such a passage."""
     n = min(leak_ngram, len(target))
@@ -104,7 +109,7 @@ def passage_leaks(passage: Sequence[int], target: Sequence[int], leak_ngram: int
 def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *, stride: int = 16,
                    query_tokens: int = 32, passage_tokens: int = 128, budget: int = 512,
                    seed: int = 0, max_examples: Optional[int] = None,
-                   exclude_same_doc: bool = True, leak_ngram: int = 8,
+                   exclude_same_doc: bool = True, leak_ngram: int = LEAK_NGRAM,
                    target_phases: int = 1, min_passage_tokens: int = 0,
                    progress: bool = True) -> list[Example]:
     """Examples from ``docs`` (``(doc_id, title, text)``) with passages from ``retriever``.
@@ -151,7 +156,7 @@ def build_examples(docs: Sequence[tuple[str, str, str]], tokenizer, retriever, *
         part = candidates[start:start + chunk]
         queries = [tokenizer.decode(ids[t - query_tokens:t]) for _, ids, t in part]
         excl = [[doc] if exclude_same_doc else [] for doc, _, _ in part]
-        hits = retriever.search_batch(queries, k=4, exclude_doc_ids=excl)
+        hits = retriever.search_batch(queries, k=HITS_PER_TARGET, exclude_doc_ids=excl)
         for (doc_id, ids, t), doc_hits in zip(part, hits):
             tgt = ids[t:t + stride]
             for hit in doc_hits:

@@ -52,6 +52,13 @@ def load_documents(spec: str) -> list[tuple[str, str, str]]:
     return [(str(p), p.stem, p.read_text(errors="replace")) for p in files]
 
 
+def example_retriever(docs, tokenizer, spec: ExampleSpec, progress: bool = True) -> BM25Retriever:
+    """The retriever examples are built with: BM25 over every document (held-out ones too), cut
+    into ``spec.passage_tokens``-token passages."""
+    return BM25Retriever(Corpus.from_documents(docs, tokenizer, spec.passage_tokens,
+                                               progress=progress))
+
+
 def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
                      model_key: Optional[str] = None) -> tuple[list[Example], list[Example]]:
     """``(train, eval)`` examples, cached under the cache dir by settings and tokenizer."""
@@ -69,8 +76,7 @@ def prepare_examples(tokenizer, spec: ExampleSpec, progress: bool = True,
 
     def retriever():
         if "r" not in state:
-            corpus = Corpus.from_documents(docs, tokenizer, spec.passage_tokens, progress=progress)
-            state["r"] = BM25Retriever(corpus)
+            state["r"] = example_retriever(docs, tokenizer, spec, progress)
         return state["r"]
 
     def build(part_docs, count, seed, n_phases, min_passage_tokens):
