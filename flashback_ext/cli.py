@@ -474,12 +474,23 @@ def cmd_train(args) -> int:
     from dataclasses import asdict
 
     from .data import check_echo
-    from .train import AdapterError, TrainSettings, train_adapter
+    from .train import AdapterError, TrainSettings, check_distill, run_info, train_adapter
 
     try:  # before the model and examples load
         check_echo(args.layout, args.echo_tokens)
     except ValueError as exc:
         raise CliError(f"--echo-tokens: {exc}") from None
+    weight = args.distill_weight
+    if weight is None:
+        weight = 0.5 if args.distill_from else 0.0
+    distill = dict(distill_from=args.distill_from, distill_weight=weight,
+                   distill_top_k=args.distill_top_k)
+    try:
+        check_distill(TrainSettings(**distill))
+        if args.distill_from:
+            run_info(args.distill_from)
+    except (AdapterError, ValueError) as exc:
+        raise CliError(f"--distill-*: {exc}") from None
     model, tokenizer = _load(args)
     spec, train, evals = _examples(args, tokenizer)
     settings = TrainSettings(layout=args.layout,
@@ -490,7 +501,7 @@ def cmd_train(args) -> int:
                              lora_r=args.lora_r,
                              lora_alpha=args.lora_alpha, seed=args.seed,
                              save_steps=args.save_steps, eval_every=args.eval_every or 0,
-                             echo_tokens=args.echo_tokens)
+                             echo_tokens=args.echo_tokens, **distill)
     try:
         out = train_adapter(model, tokenizer, train, args.out, settings=settings,
                             resume=args.resume, init_adapter=args.init_adapter,
@@ -637,6 +648,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "(--layout append), so the first new tokens follow a copy of the "
                             "context instead of <MARK_R>; generation and eval read K from the "
                             "adapter (default 0: the paper's layout)")
+    train.add_argument("--distill-from", default=None, metavar="ADAPTER",
+                       help="not in the paper: also learn the next-token distribution this "
+                            "(e.g. prepend) adapter gives at each target, scored once per "
+                            "training example in its own layout (docs/RESULTS.md)")
+    train.add_argument("--distill-weight", type=float, default=None, metavar="W",
+                       help="loss = (1 - W) * target NLL + W * cross-entropy to the teacher "
+                            "(default 0.5 with --distill-from)")
+    train.add_argument("--distill-top-k", type=int, default=64, metavar="K",
+                       help="keep the teacher's K most likely tokens per place, renormalised")
     train.add_argument("--out", required=True, help="adapter output folder")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--init-adapter", default=None,

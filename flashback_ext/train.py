@@ -22,10 +22,12 @@ from typing import Optional, Sequence
 import torch
 
 from .data import Collator, Example, LAYOUTS, check_echo, target_nll
+from .distill import (DistillCollator, DistillDataset, TEACHER_FILE, load_teacher_targets,
+                      soft_target_nll)
 from .marking import add_marking_tokens, marker_ids
 
-__all__ = ["TrainSettings", "train_adapter", "load_adapter", "check_adapter_layout", "run_info",
-           "AdapterError", "RUN_FILE"]
+__all__ = ["TrainSettings", "train_adapter", "check_distill", "load_adapter",
+           "check_adapter_layout", "run_info", "AdapterError", "RUN_FILE"]
 
 logger = logging.getLogger(__name__)
 RUN_FILE = "flashback_run.json"
@@ -64,6 +66,24 @@ class TrainSettings:
     # not in the paper: repeat the last this many context tokens after the passage (append
     # layout; data.layout_tokens). Generation and evaluation read it from the run file
     echo_tokens: int = 0
+    # not in the paper: layout distillation (distill.py). The loss becomes (1 - w) * target NLL +
+    # w * cross-entropy to the teacher adapter's top-k next-token distribution
+    distill_from: Optional[str] = None
+    distill_weight: float = 0.0
+    distill_top_k: int = 64
+
+
+def check_distill(settings: "TrainSettings") -> None:
+    """Distillation needs a teacher and a weight in (0, 1], or neither."""
+    w = settings.distill_weight
+    if settings.distill_from is None:
+        if w:
+            raise ValueError(f"distill_weight {w} needs a teacher adapter (distill_from)")
+        return
+    if not 0 < w <= 1:
+        raise ValueError(f"distill_weight must be in (0, 1] with a teacher, got {w}")
+    if settings.distill_top_k < 1:
+        raise ValueError(f"distill_top_k must be >= 1, got {settings.distill_top_k}")
 
 
 def _base_signature(model) -> dict:
@@ -111,6 +131,7 @@ def _trainer_class():
 
         exclude_ids: tuple[int, ...] = ()
         marker_lr: Optional[float] = None
+        distill_weight: float = 0.0
 
         def create_optimizer(self, model=None):
             opt_model = self.model if model is None else model
@@ -131,9 +152,14 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
+            teacher = [inputs.pop(k, None) for k in ("teacher_ids", "teacher_logp", "teacher_mask")]
             keep = Collator.keep_logits(labels)
             outputs = model(**inputs, logits_to_keep=keep)
             nll, count = target_nll(outputs.logits, labels[:, -keep:], self.exclude_ids)
+            if teacher[0] is not None and self.distill_weight:
+                soft, _ = soft_target_nll(outputs.logits, labels[:, -keep:], *teacher,
+                                          exclude_ids=self.exclude_ids)
+                nll = (1 - self.distill_weight) * nll + self.distill_weight * soft
             if num_items_in_batch is None:  # a per-batch mean, scaled for accumulation here
                 steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
                 loss = nll / max(count, 1) / steps
@@ -259,10 +285,16 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     if settings.eval_every < 0:
         raise ValueError(f"eval_every must be >= 0, got {settings.eval_every}")
     check_echo(settings.layout, settings.echo_tokens)
+    check_distill(settings)
     if settings.eval_every and not eval_examples:
         raise ValueError("eval_every needs held-out examples (eval_examples)")
     out = Path(output_dir)
     signature = _base_signature(model)
+    teacher = None
+    if settings.distill_from is not None:  # on the bare base model, before the student's adapter
+        teacher = load_teacher_targets(model, train_examples, settings.distill_from,
+                                       settings.distill_top_k, tokenizer,
+                                       cache_file=out / "checkpoints" / TEACHER_FILE)
     if init_adapter is not None:
         peft_model, tokenizer, settings = _warm_start(model, init_adapter, settings,
                                                       (extra_info or {}).get("examples_spec"))
@@ -287,10 +319,14 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     peft_model.save_pretrained = functools.partial(peft_model.save_pretrained,
                                                    save_embedding_layers=False)
     trainer_cls = _trainer_class()
-    trainer = trainer_cls(model=peft_model, args=args, train_dataset=_ListDataset(train_examples),
-                          data_collator=Collator(settings.layout, markers,
-                                                 tokenizer.pad_token_id or 0,
-                                                 echo=settings.echo_tokens))
+    collate = Collator(settings.layout, markers, tokenizer.pad_token_id or 0,
+                       echo=settings.echo_tokens)
+    if teacher is not None:
+        dataset, collate = DistillDataset(train_examples), DistillCollator(collate, teacher)
+    else:
+        dataset = _ListDataset(train_examples)
+    trainer = trainer_cls(model=peft_model, args=args, train_dataset=dataset,
+                          data_collator=collate)
     curve = None
     if settings.eval_every:
         curve = _held_out_curve_callback(peft_model, tokenizer, eval_examples, settings,
@@ -298,6 +334,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
         trainer.add_callback(curve)
     trainer.exclude_ids = tuple(marker_ids(tokenizer) or ())
     trainer.marker_lr = settings.marker_lr if settings.markers else None
+    trainer.distill_weight = settings.distill_weight if teacher is not None else 0.0
     last = None
     if resume and (out / "checkpoints").is_dir():
         last = get_last_checkpoint(str(out / "checkpoints"))

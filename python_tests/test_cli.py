@@ -71,6 +71,11 @@ def test_generate_and_index_commands(tiny_model_dir, corpus_dir, tmp_path, capsy
     (["generate", "--prompt", "x", "--mode", "prepend", "--echo-tokens", "2"],
      "--echo-tokens needs --mode append"),
     (["generate", "--prompt", "x", "--echo-tokens", "-2"], "echo_tokens must be an int >= 0"),
+    (["train", "--out", "x", "--distill-weight", "0.5"], "needs a teacher adapter"),
+    (["train", "--out", "x", "--distill-from", "/no/such/adapter"], "no FlashBack adapter at"),
+    (["train", "--out", "x", "--distill-from", "/no/such/adapter", "--distill-weight", "2"],
+     r"in \(0, 1\]"),
+    (["train", "--out", "x", "--distill-from", "/no/such", "--distill-top-k", "0"], "top_k must be"),
 ])
 def test_bad_input_one_line_exit_2(argv, match, tiny_model_dir, corpus_dir, capsys):
     if "--model" not in argv and argv[0] == "generate":
@@ -170,6 +175,14 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
                  "--json", str(table)]) == 0
     assert "| A.+LoRA+M.T. | append | append_markers + echo 2 | yes |" in capsys.readouterr().out
     assert __import__("json").loads(table.read_text())["rows"][0]["echo_tokens"] == 2
+    # layout distillation (not in the paper): an append adapter taught by a prepend one
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    assert main(["train", *common, "--steps", "1", "--batch-size", "4", "--layout", "prepend",
+                 "--no-markers", "--out", str(teacher)]) == 0
+    assert main(["train", *common, "--steps", "1", "--batch-size", "4", "--distill-from",
+                 str(teacher), "--distill-top-k", "5", "--out", str(student)]) == 0
+    got = __import__("json").loads((student / "flashback_run.json").read_text())["settings"]
+    assert (got["distill_from"], got["distill_weight"], got["distill_top_k"]) == (str(teacher), 0.5, 5)
     assert main(["train", *common, "--steps", "1", "--layout", "prepend", "--no-markers",
                  "--echo-tokens", "2", "--out", str(tmp_path / "pe")]) == 2
     assert "needs the append layout" in capsys.readouterr().err
