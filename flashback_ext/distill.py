@@ -115,7 +115,7 @@ def _plain_vocab(tokenizer) -> dict:
 
 def load_teacher_targets(model, examples: Sequence[Example], teacher_dir, top_k: int,
                          student_tokenizer, cache_file: Optional[Path] = None,
-                         progress: bool = True) -> TeacherTargets:
+                         progress: bool = True, batch_size: int = 8) -> TeacherTargets:
     """The teacher's targets for ``examples``: from ``cache_file`` when it was computed from the
     same teacher adapter (its weights' md5), examples and ``top_k``, else computed on a copy of
     ``model`` (the base model, before any adapter is attached to it) and written there. Raises
@@ -155,7 +155,8 @@ def load_teacher_targets(model, examples: Sequence[Example], teacher_dir, top_k:
 
     markers = marker_ids(teacher_tok) if key["markers"] else None
     targets = teacher_targets(teacher, teacher_tok, examples, key["layout"], markers,
-                              top_k=top_k, echo=key["echo"], progress=progress)
+                              top_k=top_k, echo=key["echo"], progress=progress,
+                              batch_size=batch_size)
     targets.key = key
     del teacher
     if cache_file is not None:

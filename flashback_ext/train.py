@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .data import Collator, Example, LAYOUTS, check_echo, target_nll
+from .data import Collator, Example, LAYOUTS, check_echo, check_passage_positions, target_nll
 from .distill import (DistillCollator, DistillDataset, TEACHER_FILE, load_teacher_targets,
                       soft_target_nll)
 from .marking import add_marking_tokens, marker_ids
@@ -66,6 +66,9 @@ class TrainSettings:
     # not in the paper: repeat the last this many context tokens after the passage (append
     # layout; data.layout_tokens). Generation and evaluation read it from the run file
     echo_tokens: int = 0
+    # not in the paper: "before" gives the appended passage the rotary positions of a prepended
+    # one (data.layout_positions). Evaluation reads it from the run file
+    passage_positions: str = "after"
     # not in the paper: layout distillation (distill.py). The loss becomes (1 - w) * target NLL +
     # w * cross-entropy to the teacher adapter's top-k next-token distribution
     distill_from: Optional[str] = None
@@ -202,7 +205,8 @@ def _held_out_curve_callback(peft_model, tokenizer, examples: Sequence[Example],
             was_training = peft_model.training
             peft_model.eval()
             result = perplexity(peft_model, tokenizer, examples, settings.layout, settings.markers,
-                                progress=False, echo=settings.echo_tokens)
+                                progress=False, echo=settings.echo_tokens,
+                                passage_positions=settings.passage_positions)
             peft_model.train(was_training)
             self.seconds += time.perf_counter() - start
             self.points.append({"step": step, "perplexity": result["ppl"], "nll": result["nll"],
@@ -285,16 +289,21 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     if settings.eval_every < 0:
         raise ValueError(f"eval_every must be >= 0, got {settings.eval_every}")
     check_echo(settings.layout, settings.echo_tokens)
+    check_passage_positions(settings.layout, settings.markers, settings.passage_positions,
+                            settings.echo_tokens)
     check_distill(settings)
     if settings.eval_every and not eval_examples:
         raise ValueError("eval_every needs held-out examples (eval_examples)")
     out = Path(output_dir)
     signature = _base_signature(model)
-    teacher = None
+    teacher, teacher_s = None, 0.0
     if settings.distill_from is not None:  # on the bare base model, before the student's adapter
+        teacher_s = time.perf_counter()
         teacher = load_teacher_targets(model, train_examples, settings.distill_from,
                                        settings.distill_top_k, tokenizer,
-                                       cache_file=out / "checkpoints" / TEACHER_FILE)
+                                       cache_file=out / "checkpoints" / TEACHER_FILE,
+                                       batch_size=settings.batch_size)
+        teacher_s = time.perf_counter() - teacher_s
     if init_adapter is not None:
         peft_model, tokenizer, settings = _warm_start(model, init_adapter, settings,
                                                       (extra_info or {}).get("examples_spec"))
@@ -320,7 +329,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
                                                    save_embedding_layers=False)
     trainer_cls = _trainer_class()
     collate = Collator(settings.layout, markers, tokenizer.pad_token_id or 0,
-                       echo=settings.echo_tokens)
+                       echo=settings.echo_tokens, passage_positions=settings.passage_positions)
     if teacher is not None:
         dataset, collate = DistillDataset(train_examples), DistillCollator(collate, teacher)
     else:
@@ -355,6 +364,8 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
                 "wall_s": wall, "train_loss": result.training_loss,
                 # of wall_s, the held-out scoring (--eval-every)
                 "eval_s": curve.seconds if curve is not None else 0.0,
+                # before wall_s: scoring (or loading the cached) teacher targets (--distill-from)
+                "teacher_s": teacher_s,
                 "processes": trainer.args.world_size,
                 "resumed_from": Path(last).name if last else None,
                 "held_out_curve": curve.points if curve is not None else [],
