@@ -473,13 +473,18 @@ def cmd_train(args) -> int:
     """Train a FlashBack LoRA adapter (plus marker rows) on examples from the corpus."""
     from dataclasses import asdict
 
-    from .data import check_echo
+    from .data import check_echo, check_passage_positions
     from .train import AdapterError, TrainSettings, check_distill, run_info, train_adapter
 
+    markers = args.markers if args.markers is not None else args.layout == "append"
     try:  # before the model and examples load
         check_echo(args.layout, args.echo_tokens)
     except ValueError as exc:
         raise CliError(f"--echo-tokens: {exc}") from None
+    try:
+        check_passage_positions(args.layout, markers, args.passage_positions, args.echo_tokens)
+    except ValueError as exc:
+        raise CliError(f"--passage-positions: {exc}") from None
     weight = args.distill_weight
     if weight is None:
         weight = 0.5 if args.distill_from else 0.0
@@ -493,8 +498,8 @@ def cmd_train(args) -> int:
         raise CliError(f"--distill-*: {exc}") from None
     model, tokenizer = _load(args)
     spec, train, evals = _examples(args, tokenizer)
-    settings = TrainSettings(layout=args.layout,
-                             markers=args.markers if args.markers is not None else args.layout == "append",
+    settings = TrainSettings(layout=args.layout, markers=markers,
+                             passage_positions=args.passage_positions,
                              steps=args.steps, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, lr=args.lr, marker_lr=args.marker_lr,
                              target_modules=[m for m in args.lora_targets.split(",") if m],
@@ -548,7 +553,7 @@ def cmd_eval(args) -> int:
             continue
         if setting.adapter is not None and setting.adapter not in adapters:
             continue
-        echo = 0
+        echo, positions = 0, "after"
         if setting.adapter is None:
             m, tok = model, tokenizer
         else:
@@ -559,11 +564,13 @@ def cmd_eval(args) -> int:
             except AdapterError as exc:
                 raise CliError(str(exc)) from None
             echo = int(info["settings"].get("echo_tokens", 0))  # part of the adapter's layout
+            positions = info["settings"].get("passage_positions", "after")  # so is this
         t0 = time.perf_counter()
         result = perplexity(m, tok, evals, setting.layout, setting.markers,
-                            batch_size=args.batch_size, echo=echo)
+                            batch_size=args.batch_size, echo=echo, passage_positions=positions)
         rows.append({"name": setting.name, "layout": setting.layout, "adapter": setting.adapter,
-                     "markers": setting.markers, "echo_tokens": echo, **result,
+                     "markers": setting.markers, "echo_tokens": echo,
+                     "passage_positions": positions, **result,
                      "seconds": time.perf_counter() - t0})
         print(f"{setting.name:<14} ppl {result['ppl']:.3f} ({result['tokens']} target tokens)",
               flush=True)
@@ -648,6 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(--layout append), so the first new tokens follow a copy of the "
                             "context instead of <MARK_R>; generation and eval read K from the "
                             "adapter (default 0: the paper's layout)")
+    train.add_argument("--passage-positions", choices=["after", "before"], default="after",
+                       help="not in the paper: 'before' gives the appended passage the rotary "
+                            "positions of a prepended one and <MARK_R> the position after the "
+                            "context (--layout append with markers; eval reads it from the "
+                            "adapter; default 'after': the paper's contiguous positions)")
     train.add_argument("--distill-from", default=None, metavar="ADAPTER",
                        help="not in the paper: also learn the next-token distribution this "
                             "(e.g. prepend) adapter gives at each target, scored once per "

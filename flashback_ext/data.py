@@ -14,6 +14,13 @@ Not in the paper: ``append`` with a context echo of ``k`` tokens, ``src | E | sr
 The first target tokens are then predicted from a copy of the context's last tokens that has
 read the passage, instead of from ``<MARK_R>``: that is where the appended layout loses most
 (docs/RESULTS.md). It costs ``k`` more tokens per retrieval block at generation.
+
+Not in the paper either: ``passage_positions="before"`` keeps the append layout's token order
+(and so its KV-cache reuse) but gives the passage the rotary positions it would have if it had
+been prepended, ``<MARK_L> e`` before the context, and ``<MARK_R>`` the position right after the
+context, where the first target token is predicted. RoPE sees only position differences, so the
+context's tail is again 1-2 positions from the targets instead of a passage away
+(:func:`layout_positions`). ``"after"`` (default) is the paper's contiguous positions.
 """
 from __future__ import annotations
 
@@ -31,11 +38,13 @@ import torch
 from tqdm.auto import tqdm
 
 __all__ = ["Example", "LAYOUTS", "split_by_document", "build_examples", "load_or_build_examples",
-           "layout_tokens", "check_echo", "Collator", "python_docs", "DataError", "target_nll",
+           "layout_tokens", "layout_positions", "check_echo", "check_passage_positions", "PASSAGE_POSITIONS", "Collator", "python_docs", "DataError", "target_nll",
            "target_token_nll"]
 
 logger = logging.getLogger(__name__)
 LAYOUTS = ("none", "prepend", "append")
+# where the appended passage sits in RoPE positions: "after" the context (the paper), or "before"
+PASSAGE_POSITIONS = ("after", "before")
 
 
 class DataError(ValueError):
@@ -222,6 +231,36 @@ def layout_tokens(ex: Example, layout: str, markers: Optional[tuple[int, int]],
     return head + list(ex.tgt), len(head)
 
 
+def check_passage_positions(layout: str, markers, passage_positions: str, echo: int = 0) -> None:
+    """``"before"`` is a variant of the append layout with markers and no echo only."""
+    if passage_positions not in PASSAGE_POSITIONS:
+        raise ValueError(f"passage_positions must be one of {PASSAGE_POSITIONS}, "
+                         f"got {passage_positions!r}")
+    if passage_positions == "before":
+        if layout != "append":
+            raise ValueError(f"passage_positions 'before' needs the append layout, got {layout!r}")
+        if not markers:
+            # without <MARK_R> the first target would be predicted at a passage token
+            raise ValueError("passage_positions 'before' needs the marking tokens")
+        if echo:
+            raise ValueError("passage_positions 'before' and a context echo do not combine")
+
+
+def layout_positions(ex: Example, layout: str, markers: Optional[tuple[int, int]],
+                     echo: int = 0, passage_positions: str = "after") -> list[int]:
+    """Rotary position of each token of :func:`layout_tokens`: ``0, 1, 2...`` for ``"after"``;
+    for ``"before"``, ``<MARK_L> e`` take ``0 .. len(e)``, the context the next ``len(src)``
+    positions, ``<MARK_R>`` the one after them and the targets follow it."""
+    check_passage_positions(layout, markers, passage_positions, echo)
+    ids, _ = layout_tokens(ex, layout, markers, echo)
+    if passage_positions == "after":
+        return list(range(len(ids)))
+    head = len(ex.e) + 1  # <MARK_L> e
+    n_src = len(ex.src)
+    return (list(range(head, head + n_src)) + list(range(head))
+            + list(range(head + n_src, head + n_src + 1 + len(ex.tgt))))
+
+
 class Collator:
     """Left-padded batches with labels only on the target tokens (-100 elsewhere).
 
@@ -232,14 +271,16 @@ class Collator:
     """
 
     def __init__(self, layout: str, markers: Optional[tuple[int, int]], pad_id: int = 0,
-                 echo: int = 0) -> None:
+                 echo: int = 0, passage_positions: str = "after") -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         check_echo(layout, echo)
+        check_passage_positions(layout, markers, passage_positions, echo)
         self.layout, self.markers, self.pad_id, self.echo = layout, markers, pad_id, echo
+        self.passage_positions = passage_positions
 
-    def __call__(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
-        rows = [layout_tokens(ex, self.layout, self.markers, self.echo) for ex in batch]
+    def __call__(self, batch_in: Sequence[Example]) -> dict[str, torch.Tensor]:
+        rows = [layout_tokens(ex, self.layout, self.markers, self.echo) for ex in batch_in]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -249,7 +290,15 @@ class Collator:
             input_ids[i, pad:] = torch.tensor(ids)
             labels[i, pad + start:] = torch.tensor(ids[start:])
             mask[i, pad:] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if self.passage_positions != "after":  # else the model's own 0, 1, 2... (and padding)
+            positions = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, ex in enumerate(batch_in):
+                pos = layout_positions(ex, self.layout, self.markers, self.echo,
+                                       self.passage_positions)
+                positions[i, width - len(pos):] = torch.tensor(pos)
+            batch["position_ids"] = positions
+        return batch
 
     @staticmethod
     def keep_logits(labels: torch.Tensor) -> int:

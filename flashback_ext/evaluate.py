@@ -46,13 +46,16 @@ TABLE_ROWS = PAPER_ROWS[:3] + [NO_RETRIEVAL_LORA] + PAPER_ROWS[3:]
 
 @torch.no_grad()
 def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, markers: bool,
-               batch_size: int = 8, progress: bool = True, echo: int = 0) -> dict:
+               batch_size: int = 8, progress: bool = True, echo: int = 0,
+               passage_positions: str = "after") -> dict:
     """Teacher-forced perplexity of the examples' targets in one layout (``echo``: the context
-    echo of :func:`data.layout_tokens`, append only)."""
+    echo of :func:`data.layout_tokens`, append only; ``passage_positions``: see
+    :func:`data.layout_positions`)."""
     ids = marker_ids(tokenizer)
     if markers and ids is None:
         raise ValueError("markers=True but the tokenizer has no marking tokens")
-    collate = Collator(layout, ids if markers else None, tokenizer.pad_token_id or 0, echo=echo)
+    collate = Collator(layout, ids if markers else None, tokenizer.pad_token_id or 0, echo=echo,
+                       passage_positions=passage_positions)
     device = next(model.parameters()).device
     # float64 sums per target place: where the loss sits (appending hurts the first tokens most)
     sums = torch.zeros(0, dtype=torch.float64)
@@ -65,9 +68,10 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
         chunk = examples[start:start + batch_size]
         batch = collate(chunk)
         keep = Collator.keep_logits(batch["labels"])
+        extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device),
-                       logits_to_keep=keep).logits
+                       logits_to_keep=keep, **extra).logits
         labels = batch["labels"][:, -keep:]
         nll, index = target_token_nll(logits, labels.to(device), ids or ())
         rows = (labels[:, 1:] != -100).nonzero()[:, 0]  # the row of each nll entry (row-major)

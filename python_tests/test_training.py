@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashback_ext.data import (Collator, DataError, Example, build_examples, layout_tokens,
+from flashback_ext.data import (Collator, DataError, Example, build_examples, layout_positions,
+                                layout_tokens,
                                 passage_leaks, split_by_document, target_nll,
                                 target_token_nll)
 from flashback_ext.evaluate import engine_perplexity, perplexity, position_table
@@ -600,3 +601,44 @@ def test_held_out_curve_bad_settings(model, tok, setup, tmp_path):
     with pytest.raises(ValueError, match="eval_every must be >= 0"):
         train_adapter(model, tok, exs, tmp_path / "b", settings=TrainSettings(steps=1, eval_every=-1),
                       eval_examples=exs)
+
+
+def test_passage_positions_before_are_the_prepend_geometry(model, tok, setup):
+    # "before": the append layout's tokens, with <MARK_L> e at the positions a prepended passage
+    # has and <MARK_R> right after the context; batched (left-padded) = one example at a time
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=6, progress=False)
+    ids = add_marking_tokens(model, tok)
+    ex = exs[0]
+    pos = layout_positions(ex, "append", ids, passage_positions="before")
+    tokens, start = layout_tokens(ex, "append", ids)
+    n_e, n_src = len(ex.e) + 1, len(ex.src)
+    assert pos[:n_src] == list(range(n_e, n_e + n_src))               # context after the passage
+    assert pos[n_src:n_src + n_e] == list(range(n_e))                 # <MARK_L> e from 0
+    assert pos[start - 1] == n_e + n_src and tokens[start - 1] == ids[1]  # <MARK_R> next
+    assert pos[start:] == list(range(n_e + n_src + 1, n_e + n_src + 1 + len(ex.tgt)))
+    assert layout_positions(ex, "append", ids) == list(range(len(tokens)))
+    batch = Collator("append", ids, 0, passage_positions="before")(exs)
+    assert "position_ids" not in Collator("append", ids, 0)(exs)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        for i, ex in enumerate(exs):
+            toks, _ = layout_tokens(ex, "append", ids)
+            one = model(input_ids=torch.tensor([toks]),
+                        position_ids=torch.tensor([layout_positions(ex, "append", ids,
+                                                                    passage_positions="before")])).logits
+            torch.testing.assert_close(logits[i, -len(toks):], one[0], atol=2e-5, rtol=0)
+        # and the positions matter, by far more than that tolerance (a random tiny model is
+        # nearly position-blind): the paper's contiguous ones give other logits
+        plain = model(input_ids=torch.tensor([tokens])).logits
+        shifted = model(input_ids=torch.tensor([tokens]), position_ids=torch.tensor([pos])).logits
+        assert float((plain[0, start:] - shifted[0, start:]).abs().max()) > 1e-4
+    for layout, markers, echo, match in [("prepend", None, 0, "needs the append layout"),
+                                         ("append", None, 0, "needs the marking tokens"),
+                                         ("append", ids, 2, "do not combine")]:
+        with pytest.raises(ValueError, match=match):
+            Collator(layout, markers, 0, echo=echo, passage_positions="before")
+    with pytest.raises(ValueError, match="passage_positions must be one of"):
+        Collator("append", ids, 0, passage_positions="middle")
