@@ -119,16 +119,19 @@ def _settle_passage_tokens(args, adapter: Optional[Path]) -> None:
     """``--passage-tokens`` defaults to the passage length the adapter was trained on: it learned
     to resume the context after passages that long (the shipped adapter, trained on 64, scores
     2.1x the no-retrieval perplexity after 128-token passages: docs/RESULTS.md). ``--echo-tokens``
-    defaults to the adapter's context echo: its layout, not a tuning knob."""
+    defaults to the adapter's context echo: its layout, not a tuning knob; so are its passage
+    positions (``--passage-positions`` of ``flashback train``), which are taken as they are."""
     from .train import AdapterError, run_info
 
     spec: dict = {}
     echo = 0
+    args.passage_positions = "after"
     if adapter is not None:
         try:
             info = run_info(adapter)
             spec = info.get("examples_spec") or {}
             echo = int(info["settings"].get("echo_tokens", 0))
+            args.passage_positions = info["settings"].get("passage_positions", "after")
         except AdapterError:
             pass  # loading the adapter reports it
     if getattr(args, "echo_tokens", None) is None:
@@ -207,7 +210,9 @@ def _generator(args, model, tokenizer, retriever, mode: str):
                              query_tokens=args.query_tokens, passage_tokens=args.passage_tokens,
                              k=args.k, use_markers=False if args.no_markers else None,
                              capacity=args.capacity, overflow=args.overflow,
-                             echo_tokens=(args.echo_tokens or 0) if mode == "append" else 0)
+                             echo_tokens=(args.echo_tokens or 0) if mode == "append" else 0,
+                             passage_positions=(getattr(args, "passage_positions", "after")
+                                                if mode == "append" else "after"))
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -242,7 +247,8 @@ def cmd_demo(args) -> int:
     print(f"model {args.model} ({model.config.num_hidden_layers} layers, {_describe_device(model)}); "
           f"corpus: {len(retriever.corpus)} passages ({args.retriever}, <= {args.passage_tokens} "
           f"tokens each); append mode: "
-          f"{adapter_note}{f', context echo {args.echo_tokens}' if args.echo_tokens else ''}; "
+          f"{adapter_note}{f', context echo {args.echo_tokens}' if args.echo_tokens else ''}"
+          f"{', passages at rotary positions before the context' if args.passage_positions == 'before' else ''}; "
           f"setup {time.perf_counter() - t0:.1f} s")
     questions = args.question or DEMO_QUESTIONS
     prompts = [as_prompt(tokenizer, q) for q in questions]
@@ -582,10 +588,14 @@ def cmd_eval(args) -> int:
     if "A.+LoRA+M.T." in by_name and "P.+LoRA" in by_name:  # the paper's comparison
         ratio, low, high = ratio_interval(by_name["A.+LoRA+M.T."], by_name["P.+LoRA"])
         echo = by_name["A.+LoRA+M.T."]["echo_tokens"]
-        goal = {"ratio": ratio, "low": low, "high": high, "level": 0.95, "echo_tokens": echo}
+        positions = by_name["A.+LoRA+M.T."]["passage_positions"]
+        goal = {"ratio": ratio, "low": low, "high": high, "level": 0.95, "echo_tokens": echo,
+                "passage_positions": positions}
         print(f"\nA.+LoRA+M.T. / P.+LoRA = {ratio:.3f} (95% paired bootstrap interval over the "
               f"{len(evals)} held-out examples: {low:.3f}-{high:.3f})"
-              + (f"; with a {echo}-token context echo, not the paper's layout" if echo else ""))
+              + (f"; with a {echo}-token context echo, not the paper's layout" if echo else "")
+              + ("; with the passage at rotary positions before the context, not the paper's "
+                 "positions" if positions == "before" else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows, "examples": len(evals),

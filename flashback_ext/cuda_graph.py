@@ -131,8 +131,10 @@ class DecodeGraph:
         self._graph = graph
 
     @torch.no_grad()
-    def step(self, tokens: Sequence[Optional[int]]) -> torch.Tensor:
+    def step(self, tokens: Sequence[Optional[int]],
+             shift: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Forward one token per sequence (``None`` = finished: fed ``pad_id``, not appended).
+        ``shift[b]``: the token's rotary position is its slot minus this (default 0).
 
         Returns next-token logits ``[B, vocab]`` (float32). On a captured graph this is the graph's
         static output buffer: the next step overwrites it, so copy what must outlive it.
@@ -145,14 +147,15 @@ class DecodeGraph:
                              f"{self.cache.ring.capacity}")
         on_device = torch.cuda.device(self.device) if self._copied is not None else contextlib.nullcontext()
         with on_device:  # events, streams and the graph belong to the cache's GPU
-            return self._step(tokens, counts)
+            return self._step(tokens, counts, shift or [0] * self.batch)
 
-    def _step(self, tokens: Sequence[Optional[int]], counts: list[int]) -> torch.Tensor:
+    def _step(self, tokens: Sequence[Optional[int]], counts: list[int],
+              shift: Sequence[int]) -> torch.Tensor:
         ring = self.cache.ring
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's async copy has read the staging rows
         self._staging.copy_(torch.tensor([[self.pad_id if t is None else int(t) for t in tokens],
-                                          [ring.next_position(b) for b in range(self.batch)],
+                                          [ring.next_position(b) - shift[b] for b in range(self.batch)],
                                           counts]))
         self._inputs.copy_(self._staging, non_blocking=True)
         if self._copied is not None:

@@ -139,7 +139,8 @@ def markdown_table(rows: list[dict]) -> str:
         ratio_n = f"{r['ppl'] / n:.3f}" if n else "—"
         ratio_p = f"{r['ppl'] / p:.3f}" if p else "—"
         echo = r.get("echo_tokens")
-        adapter = (r["adapter"] or "base") + (f" + echo {echo}" if echo else "")
+        adapter = (r["adapter"] or "base") + (f" + echo {echo}" if echo else "") \
+            + (" + passage before" if r.get("passage_positions") == "before" else "")
         lines.append(f"| {r['name']} | {r['layout']} | {adapter} | "
                      f"{'yes' if r['markers'] else 'no'} | {r['ppl']:.3f} | {ratio_n} | {ratio_p} |")
     return "\n".join(lines)

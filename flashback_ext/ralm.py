@@ -75,6 +75,8 @@ class GenerationResult:
     timing: Timing  # shared by the whole batch
     finish_reason: str = "length"
     trace: list[tuple[list[int], torch.Tensor]] = field(default_factory=list, repr=False)
+    # with trace=True: the rotary position of every token of each trace step's sequence
+    trace_positions: list[list[int]] = field(default_factory=list, repr=False)
 
 
 class RALMGenerator:
@@ -92,6 +94,11 @@ class RALMGenerator:
         k: passages per retrieval (concatenated inside one marker pair).
         echo_tokens: append mode only: repeat the last ``echo_tokens`` tokens after each passage
             (the layout an adapter trained with ``--echo-tokens`` expects; 0 = the paper's).
+        passage_positions: append mode with markers only: ``"before"`` gives ``<MARK_L> passage``
+            the rotary positions just before the context's first token and ``<MARK_R>`` the one
+            after its last; the new tokens follow ``<MARK_R>`` (the layout an adapter trained
+            with ``--passage-positions before`` expects, :func:`data.layout_positions`; not in
+            the paper). ``"after"``: the paper's contiguous positions.
         use_markers: wrap passages in ``<MARK_L> … <MARK_R>``; default: when the tokenizer has them.
         capacity: cache slots per sequence; default: enough for the prompt, the new tokens and
             one retrieval block.
@@ -107,7 +114,8 @@ class RALMGenerator:
                  query_tokens: int = 32, passage_tokens: int = 128, k: int = 1,
                  use_markers: Optional[bool] = None, capacity: Optional[int] = None,
                  overflow: str = "error", sink: int = 0,
-                 cuda_graphs: Optional[bool] = None, echo_tokens: int = 0) -> None:
+                 cuda_graphs: Optional[bool] = None, echo_tokens: int = 0,
+                 passage_positions: str = "after") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("stride", stride), ("query_tokens", query_tokens),
@@ -118,6 +126,10 @@ class RALMGenerator:
             raise ValueError(f"echo_tokens must be an int >= 0, got {echo_tokens!r}")
         if echo_tokens and mode != "append":
             raise ValueError(f"echo_tokens needs mode='append', got {mode!r}")
+        if passage_positions not in ("after", "before"):
+            raise ValueError(f"passage_positions must be 'after' or 'before', got {passage_positions!r}")
+        if passage_positions == "before" and (mode != "append" or echo_tokens):
+            raise ValueError("passage_positions='before' needs mode='append' without echo_tokens")
         if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         if mode != "none" and retriever is None:
@@ -134,6 +146,10 @@ class RALMGenerator:
                              f"(add them with flashback_ext.marking)")
         self.use_markers = has_markers if use_markers is None else use_markers
         self.markers = (vocab[MARK_L], vocab[MARK_R]) if self.use_markers else None
+        if passage_positions == "before" and not self.markers:
+            raise ValueError("passage_positions='before' needs the marking tokens (<MARK_R> is "
+                             "where the context resumes)")
+        self.passage_positions = passage_positions
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._body, self._head = base.model, base.get_output_embeddings()
         self._cache_kw = cache_kwarg_name(self._body)
@@ -201,8 +217,10 @@ class RALMGenerator:
         return blocks
 
     @torch.no_grad()
-    def _forward(self, cache: FlashBackCache, blocks: list[list[int]]) -> list[Optional[torch.Tensor]]:
-        """Forward a right-padded ragged block; next-token logits per sequence (None if empty)."""
+    def _forward(self, cache: FlashBackCache, blocks: list[list[int]],
+                 rope: Optional[list[list[int]]] = None) -> list[Optional[torch.Tensor]]:
+        """Forward a right-padded ragged block; next-token logits per sequence (None if empty).
+        ``rope``: the rotary position of every block token (default: the cache's next slots)."""
         counts = [len(b) for b in blocks]
         n = max(counts)
         if n == 0:
@@ -213,6 +231,11 @@ class RALMGenerator:
         ids = ids.to(self.device)
         cache.new_tokens = None if all(c == n for c in counts) else counts
         positions = cache.position_ids(n)
+        if rope is not None:
+            positions = positions.clone()
+            for b, pos in enumerate(rope):
+                if pos:
+                    positions[b, : len(pos)] = torch.tensor(pos, dtype=torch.long)
         try:
             hidden = self._body(input_ids=ids, position_ids=positions,
                                 attention_mask=cache.dummy_mask(), use_cache=True,
@@ -256,6 +279,15 @@ class RALMGenerator:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
+    def _before_positions(self, start: int, n_context: int, n_e: int) -> tuple[list[int], int]:
+        """``passage_positions="before"``: rotary positions of a ``[n_context context tokens | E]``
+        block whose first token takes cache slot ``start`` (``E`` = ``<MARK_L> e <MARK_R>``, ``n_e``
+        tokens), and the shift (slot - rotary position) of every token after it. ``<MARK_L> e``
+        sit just before the context's first token (position 0), ``<MARK_R>`` right after its
+        last, as in :func:`data.layout_positions`."""
+        end = start + n_context  # the context's length: <MARK_R>'s rotary position
+        return list(range(start, end)) + list(range(-(n_e - 1), 0)) + [end], n_e - 1
+
     def _echo(self, context: Sequence[int]) -> list[int]:
         """The context's last ``echo_tokens`` tokens, repeated after the passage."""
         return list(context[-self.echo_tokens:]) if self.echo_tokens else []
@@ -275,7 +307,11 @@ class RALMGenerator:
         split = len(src) - min(self.stride, len(src))
         if split > 0:
             self._forward(cache, [list(src[:split])])
-        logits = self._forward(cache, [list(src[split:]) + e])[0]
+        rope, shift = None, 0
+        if self.passage_positions == "before":
+            pos, shift = self._before_positions(max(split, 0), len(src) - max(split, 0), len(e))
+            rope = [pos]
+        logits = self._forward(cache, [list(src[split:]) + e], rope)[0]
         logps = []
         for i, tok in enumerate(tgt):
             if exclude_ids:
@@ -283,7 +319,8 @@ class RALMGenerator:
                 logits[list(exclude_ids)] = float("-inf")
             logps.append(float(torch.log_softmax(logits.float(), -1)[tok]))
             if i + 1 < len(tgt):
-                logits = self._forward(cache, [[int(tok)]])[0]
+                rope = [[cache.next_positions()[0] - shift]] if shift else None
+                logits = self._forward(cache, [[int(tok)]], rope)[0]
         return logps
 
     # ----------------------------------------------------------------------------- generate
@@ -345,32 +382,60 @@ class RALMGenerator:
         timing = Timing()
         logs: list[list[RetrievalRecord]] = [[] for _ in range(batch)]
         traces: list[list] = [[] for _ in range(batch)]
+        trace_positions: list[list[list[int]]] = [[] for _ in range(batch)]
         views: list[list[int]] = [[] for _ in range(batch)]  # what each cache holds, in order
+        rope_views: list[list[int]] = [[] for _ in range(batch)]  # and at which rotary positions
+        # slot - rotary position of the tokens after <MARK_R> (passage_positions "before"; else 0)
+        shift = [0] * batch
         active = [True] * batch
         finish = ["length"] * batch
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx = [0] * batch  # end (absolute position) of the committed context, append mode
 
-        def run_block(blocks: list[list[int]], reset: bool, kind: str = "block") -> list:
-            """Forward ragged blocks, keep ``views`` in step, time it as prefill/block/decode."""
+        def run_block(blocks: list[list[int]], reset: bool, kind: str = "block",
+                      rope: Optional[list[list[int]]] = None) -> list:
+            """Forward ragged blocks, keep ``views`` in step, time it as prefill/block/decode.
+            ``rope``: rotary positions of the block tokens (default: slot - ``shift``)."""
             t0 = time.perf_counter()
             if reset:
                 cache.reset()
+            explicit = rope is not None or any(shift)
+            if rope is None:
+                rope = [[s - shift[b] + i for i in range(len(block))]
+                        for b, (s, block) in enumerate(zip(cache.next_positions(), blocks))]
             for b, block in enumerate(blocks):
                 views[b] = ([] if reset else views[b]) + block
+                rope_views[b] = ([] if reset else rope_views[b]) + rope[b]
             counts = [len(block) for block in blocks]
             if kind == "block":
                 timing.block_tokens += sum(counts)
             if kind == "decode" and decoder is not None and decoder.fits(counts):
-                out = decoder.step([block[0] if block else None for block in blocks])
+                out = decoder.step([block[0] if block else None for block in blocks],
+                                   shift if any(shift) else None)
                 logits = [out[b] if counts[b] else None for b in range(batch)]
                 timing.graph_steps += 1
             else:
-                logits = self._forward(cache, blocks)
+                logits = self._forward(cache, blocks, rope if explicit else None)
             if self.device.type == "cuda":  # the sampler waits for the logits anyway: time them
                 torch.cuda.synchronize(self.device)
             setattr(timing, f"{kind}_s", getattr(timing, f"{kind}_s") + time.perf_counter() - t0)
             return logits
+
+        def append_block(passages: list[list[int]]) -> list:
+            """``[tokens since ctx | E | echo]`` for every active sequence, whose cache ends at
+            ``ctx``; with passage_positions "before", at the rotary positions it needs."""
+            blocks = [tokens[b][ctx[b]:] + passages[b] + self._echo(tokens[b]) if active[b] else []
+                      for b in range(batch)]
+            rope = None
+            if self.passage_positions == "before":
+                rope = []
+                for b in range(batch):
+                    pos: list[int] = []
+                    if active[b]:
+                        pos, shift[b] = self._before_positions(ctx[b], len(tokens[b]) - ctx[b],
+                                                               len(passages[b]))
+                    rope.append(pos)
+            return run_block(blocks, reset=False, rope=rope)
 
         def retrieval_blocks(generated: int) -> list[list[int]]:
             t0 = time.perf_counter()
@@ -388,9 +453,7 @@ class RALMGenerator:
         else:  # append: prefill all but the last stride, then [last stride | E] as one block
             ctx = [max(0, n - self.stride) for n in prompt_lens]
             run_block([t[:c] for t, c in zip(tokens, ctx)], reset=True, kind="prefill")
-            passages = retrieval_blocks(0)
-            logits = run_block([t[c:] + p + self._echo(t) for t, c, p in zip(tokens, ctx, passages)],
-                               reset=False)
+            logits = append_block(retrieval_blocks(0))
             ctx = prompt_lens[:]
         pending: list[Optional[int]] = [None] * batch  # sampled, not yet forwarded
 
@@ -405,6 +468,7 @@ class RALMGenerator:
                 tok = self._sample(row, do_sample, temperature, top_k, top_p, gen)
                 if trace:
                     traces[b].append((views[b][:], logits[b].detach().cpu()))
+                    trace_positions[b].append(rope_views[b][:])
                 tokens[b].append(tok)
                 pending[b] = tok
                 if stream is not None:
@@ -425,9 +489,8 @@ class RALMGenerator:
                     cache.rollback(back)
                     for b in range(batch):
                         views[b] = views[b][: len(views[b]) - back[b]]
-                    blocks = [tokens[b][ctx[b]:] + passages[b] + self._echo(tokens[b]) if active[b] else []
-                              for b in range(batch)]
-                    logits = run_block(blocks, reset=False)
+                        rope_views[b] = rope_views[b][: len(rope_views[b]) - back[b]]
+                    logits = append_block(passages)
                     ctx = [len(t) if active[b] else ctx[b] for b, t in enumerate(tokens)]
             else:
                 blocks = [[pending[b]] if active[b] else [] for b in range(batch)]
@@ -440,5 +503,5 @@ class RALMGenerator:
             new = tokens[b][prompt_lens[b]:]
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             results.append(GenerationResult(text, new, prompt_lens[b], logs[b], timing, finish[b],
-                                            traces[b]))
+                                            traces[b], trace_positions[b]))
         return results

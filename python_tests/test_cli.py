@@ -175,6 +175,17 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
                  "--json", str(table)]) == 0
     assert "| A.+LoRA+M.T. | append | append_markers + echo 2 | yes |" in capsys.readouterr().out
     assert __import__("json").loads(table.read_text())["rows"][0]["echo_tokens"] == 2
+    # passages at rotary positions before the context (not in the paper): eval and demo read it
+    before = tmp_path / "before"
+    assert main(["train", *common, "--steps", "1", "--batch-size", "4", "--passage-positions",
+                 "before", "--out", str(before)]) == 0
+    capsys.readouterr()
+    assert main(["eval", *common, "--adapter", f"append_markers={before}", "--rows", "A.+LoRA+M.T.",
+                 "--json", str(table)]) == 0
+    assert __import__("json").loads(table.read_text())["rows"][0]["passage_positions"] == "before"
+    assert main(["train", *common, "--steps", "1", "--no-markers", "--passage-positions", "before",
+                 "--out", str(tmp_path / "bn")]) == 2
+    assert "needs the marking tokens" in capsys.readouterr().err
     # layout distillation (not in the paper): an append adapter taught by a prepend one
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     assert main(["train", *common, "--steps", "1", "--batch-size", "4", "--layout", "prepend",
@@ -191,6 +202,8 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
                 "--adapter", str(adapter), "--max-new-tokens", "4", "--stride", "2",
                 "--long-context", "0", "--question", "what does yield do ?"]
 
+    assert main(demo_with(before)) == 0
+    assert ", passages at rotary positions before the context;" in capsys.readouterr().out
     echo_demo = demo_with(echoed)
     assert main(echo_demo) == 0
     assert "FlashBack adapter " + str(echoed) + ", context echo 2;" in capsys.readouterr().out

@@ -17,8 +17,13 @@ def max_trace_error(model, results) -> float:
     worst = 0.0
     for r in results:
         assert r.trace, "trace=True must record every step"
-        for seq, logits in r.trace:
-            ref = model(torch.tensor([seq])).logits[0, -1].float()
+        assert len(r.trace_positions) == len(r.trace)
+        for (seq, logits), pos in zip(r.trace, r.trace_positions):
+            assert len(pos) == len(seq)
+            # an explicit mask: without one, transformers reads non-consecutive positions as
+            # packed sequences and masks across them
+            ref = model(torch.tensor([seq]), position_ids=torch.tensor([pos]),
+                        attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits[0, -1].float()
             worst = max(worst, (ref - logits).abs().max().item())
     return worst
 
@@ -113,7 +118,52 @@ def test_context_echo_follows_each_passage(tiny, markers):
     assert len(short) == 2 + 10 + 2 * markers + 2
 
 
+def test_passages_before_the_context_in_rotary_positions(tiny):
+    # passage_positions="before": the append layout's cache order, the prepend layout's geometry
+    tok = ByteTokenizer(markers=True)
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=4, passage_tokens=10,
+                        passage_positions="before")
+    results = gen.generate(["abcdefgh", "xy", "a longer prompt than those"], max_new_tokens=11,
+                           trace=True, stop_on_eos=False)
+    assert max_trace_error(tiny, results) <= 1e-3
+    r = results[0]
+    seq0, pos0 = r.trace[0][0], r.trace_positions[0]  # prompt | <MARK_L> e <MARK_R>
+    n_e = len(seq0) - 8
+    assert seq0[8] == 257 and seq0[-1] == 258
+    assert pos0 == list(range(8)) + list(range(-(n_e - 1), 0)) + [8]
+    # after the 2nd retrieval at 4 new tokens: prompt + 4 new | E_new | 1 new token
+    seq5, pos5 = r.trace[5][0], r.trace_positions[5]
+    n_e = len(seq5) - 13
+    assert pos5 == list(range(12)) + list(range(-(n_e - 1), 0)) + [12, 13]
+    # and the positions are what the logits followed: the paper's contiguous ones differ
+    plain = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=4, passage_tokens=10)
+    other = plain.generate("abcdefgh", max_new_tokens=2, trace=True, stop_on_eos=False)
+    assert other.trace_positions[0] == list(range(len(seq0)))
+    assert (other.trace[0][1] - r.trace[0][1]).abs().max() > 1e-4
+
+
+def test_engine_scores_with_passages_before_like_a_forward(tiny):
+    tok = ByteTokenizer(markers=True)
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=3, passage_tokens=10,
+                        passage_positions="before")
+    src, e, tgt = list(b"the context here"), list(b"a passage"), list(b"next")
+    got = gen.score(src, e, tgt)
+    seq = src + [257, *e, 258] + tgt
+    n_e = len(e) + 1
+    pos = list(range(n_e, n_e + len(src))) + list(range(n_e)) + \
+        list(range(n_e + len(src), n_e + len(src) + 1 + len(tgt)))
+    with torch.no_grad():
+        logits = tiny(torch.tensor([seq]), position_ids=torch.tensor([pos]),
+                      attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits[0].float()
+    want = torch.log_softmax(logits[len(src) + n_e: -1], -1)[torch.arange(len(tgt)), torch.tensor(tgt)]
+    torch.testing.assert_close(torch.tensor(got), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(passage_positions="middle"), "passage_positions must be 'after' or 'before'"),
+    (dict(passage_positions="before", mode="prepend"), "needs mode='append' without echo"),
+    (dict(passage_positions="before", echo_tokens=2), "needs mode='append' without echo"),
+    (dict(passage_positions="before"), "needs the marking tokens"),
     (dict(echo_tokens=-1), "echo_tokens must be an int >= 0"),
     (dict(echo_tokens=2, mode="prepend"), "echo_tokens needs mode='append'"),
     (dict(mode="sideways"), "mode must be one of"),
