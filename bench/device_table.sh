@@ -14,9 +14,10 @@
 # PROBE_STEPS (30) setting the count (at least MIN_STEPS, 100); TRAIN_TIMEOUT (TRAIN_S + 110, or
 # 480 with STEPS; keep the whole call under the device's 600 s),
 # ADAPTERS (which of append_markers prepend append append_markers_mlr3e-3 none
-# append_markers_echo4 append_markers_echo16 to train; default the first four; none = the N.+LoRA
-# row, a LoRA with no passage; append_markers_echoK = append+markers with a K-token context echo,
-# not in the paper),
+# append_markers_echo4 append_markers_echo16 append_markers_before to train; default the first
+# four; none = the N.+LoRA row, a LoRA with no passage; append_markers_echoK = append+markers with
+# a K-token context echo, append_markers_before = with the passage at rotary positions before the
+# context, both not in the paper),
 # EVAL_EVERY (score the 200 held-out examples every N steps: the learning curve, in the logs;
 # only with STEPS and a TRAIN_TIMEOUT that covers the scoring: the probe does not time it),
 # LORA_TARGETS (q_proj,k_proj,v_proj,o_proj), BATCH (32), LR (1e-3), DEVICE (cuda), PYTHON
@@ -83,7 +84,9 @@ RECIPES=("append_markers:--layout append --markers --marker-lr 1e-2"
          "none:--layout none --no-markers"  # N.+LoRA, not in the paper: only when asked for
          # not in the paper: the context's last 4 tokens again after <MARK_R> (--echo-tokens)
          "append_markers_echo4:--layout append --markers --marker-lr 1e-2 --echo-tokens 4"
-         "append_markers_echo16:--layout append --markers --marker-lr 1e-2 --echo-tokens 16")
+         "append_markers_echo16:--layout append --markers --marker-lr 1e-2 --echo-tokens 16"
+         # not in the paper: the passage at rotary positions before the context (no extra tokens)
+         "append_markers_before:--layout append --markers --marker-lr 1e-2 --passage-positions before")
 ALL_NAMES="append_markers prepend append append_markers_mlr3e-3"
 CURVE_FLAGS=""  # the main training's --eval-every (EVAL_EVERY); the probe scores nothing
 NAMES="${ADAPTERS:-$ALL_NAMES}"  # the ones to train (ADAPTERS: a subset)

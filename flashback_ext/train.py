@@ -249,6 +249,10 @@ def _warm_start(model, init_adapter, settings: TrainSettings, examples_spec: Opt
         logger.warning("adapter %s was trained with a %d-token context echo; this run uses %d",
                        init_adapter, int(info["settings"].get("echo_tokens", 0)),
                        settings.echo_tokens)
+    positions = info["settings"].get("passage_positions", "after")
+    if positions != settings.passage_positions:
+        logger.warning("adapter %s was trained with passage positions %r; this run uses %r",
+                       init_adapter, positions, settings.passage_positions)
     theirs = info.get("examples_spec")
     if examples_spec and theirs:
         differ = [k for k in SPLIT_KEYS if k in theirs and theirs[k] != examples_spec.get(k)]
