@@ -49,6 +49,9 @@ def main(argv=None) -> int:
             info = run_info(which)
             if info["settings"]["layout"] != "append":
                 raise SystemExit(f"{which} is not an append-layout adapter")
+            if info["settings"].get("passage_positions", "after") != "after":
+                raise SystemExit(f"{which} puts the passage at other positions: an echo does not "
+                                 "combine with them")
             markers = bool(info["settings"]["markers"])
             trained_echo = int(info["settings"].get("echo_tokens", 0))
             model, tok = load_adapter(model, which, merge=True)

@@ -37,9 +37,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["Example", "LAYOUTS", "split_by_document", "build_examples", "load_or_build_examples",
-           "layout_tokens", "layout_positions", "check_echo", "check_passage_positions", "PASSAGE_POSITIONS", "Collator", "python_docs", "DataError", "target_nll",
-           "target_token_nll"]
+__all__ = ["Example", "LAYOUTS", "PASSAGE_POSITIONS", "split_by_document", "build_examples",
+           "load_or_build_examples", "layout_tokens", "layout_positions", "check_echo",
+           "check_passage_positions", "check_attention_for_positions", "Collator", "python_docs",
+           "DataError", "target_nll", "target_token_nll"]
 
 logger = logging.getLogger(__name__)
 LAYOUTS = ("none", "prepend", "append")
@@ -244,6 +245,15 @@ def check_passage_positions(layout: str, markers, passage_positions: str, echo: 
             raise ValueError("passage_positions 'before' needs the marking tokens")
         if echo:
             raise ValueError("passage_positions 'before' and a context echo do not combine")
+
+
+def check_attention_for_positions(model, passage_positions: str) -> None:
+    """FlashAttention-2 in transformers reads non-consecutive ``position_ids`` of an unpadded
+    batch as packed sequences and cuts attention between them: refuse it for "before"."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if passage_positions == "before" and impl and "flash_attention" in str(impl):
+        raise ValueError(f"passage_positions 'before' needs sdpa or eager attention, not {impl!r} "
+                         "(it would read the positions as packed sequences)")
 
 
 def layout_positions(ex: Example, layout: str, markers: Optional[tuple[int, int]],

@@ -66,8 +66,8 @@ def _masked_logits(logits: torch.Tensor, exclude_ids: Iterable[int]) -> torch.Te
 @torch.no_grad()
 def teacher_targets(teacher, tokenizer, examples: Sequence[Example], layout: str,
                     markers: Optional[tuple[int, int]], *, top_k: int = 64, echo: int = 0,
-                    batch_size: int = 8, progress: bool = True,
-                    key: Optional[dict] = None) -> TeacherTargets:
+                    passage_positions: str = "after", batch_size: int = 8,
+                    progress: bool = True, key: Optional[dict] = None) -> TeacherTargets:
     """Score ``examples`` with ``teacher`` in ``layout`` (its own layout, markers and echo) and keep
     the top ``top_k`` next-token log-probabilities at every target place. The softmax covers the
     tokenizer's tokens only: not the markers, which the student never predicts, nor embedding
@@ -76,7 +76,8 @@ def teacher_targets(teacher, tokenizer, examples: Sequence[Example], layout: str
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if not examples:
         raise ValueError("no examples to score with the teacher")
-    collate = Collator(layout, markers, tokenizer.pad_token_id or 0, echo=echo)
+    collate = Collator(layout, markers, tokenizer.pad_token_id or 0, echo=echo,
+                       passage_positions=passage_positions)
     device = next(teacher.parameters()).device
     exclude = list(markers or ())
     ids_out: list[torch.Tensor] = []
@@ -86,9 +87,10 @@ def teacher_targets(teacher, tokenizer, examples: Sequence[Example], layout: str
         chunk = examples[start:start + batch_size]
         batch = collate(chunk)
         keep = Collator.keep_logits(batch["labels"])
+        extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
         logits = teacher(input_ids=batch["input_ids"].to(device),
                          attention_mask=batch["attention_mask"].to(device),
-                         logits_to_keep=keep).logits
+                         logits_to_keep=keep, **extra).logits
         # rows past the tokenizer (an embedding padded or grown beyond it, as OPT's or one the
         # student's markers were already added to) are no tokens the student could be taught
         logits = _masked_logits(logits[:, :-1, :len(tokenizer)], exclude)
@@ -117,9 +119,10 @@ def load_teacher_targets(model, examples: Sequence[Example], teacher_dir, top_k:
                          student_tokenizer, cache_file: Optional[Path] = None,
                          progress: bool = True, batch_size: int = 8) -> TeacherTargets:
     """The teacher's targets for ``examples``: from ``cache_file`` when it was computed from the
-    same teacher adapter (its weights' md5), examples and ``top_k``, else computed on a copy of
-    ``model`` (the base model, before any adapter is attached to it) and written there. Raises
-    :class:`train.AdapterError` for a missing teacher, one for another base model, or one whose
+    same teacher adapter (its weights' md5), base model (name and dtype), examples and ``top_k``,
+    else computed on a copy of ``model`` (the base model, before any adapter is attached to it;
+    the copy doubles the model's memory while the teacher scores) and written there. Raises
+    :class:`train.AdapterError` for a missing teacher, one for another architecture, or one whose
     vocabulary (markers aside) differs from ``student_tokenizer``'s."""
     from transformers import AutoTokenizer
 
@@ -137,7 +140,10 @@ def load_teacher_targets(model, examples: Sequence[Example], teacher_dir, top_k:
     key = {"teacher": str(folder.resolve()),
            "teacher_md5": hashlib.md5(weights.read_bytes()).hexdigest(),
            "layout": settings["layout"], "markers": bool(settings["markers"]),
-           "echo": int(settings.get("echo_tokens", 0)), "top_k": top_k,
+           "echo": int(settings.get("echo_tokens", 0)),
+           "passage_positions": settings.get("passage_positions", "after"), "top_k": top_k,
+           "base": str(getattr(model.config, "_name_or_path", "")),
+           "dtype": str(next(model.parameters()).dtype),
            "examples": examples_digest(examples)}
     if cache_file is not None and cache_file.exists():
         try:
@@ -155,7 +161,8 @@ def load_teacher_targets(model, examples: Sequence[Example], teacher_dir, top_k:
 
     markers = marker_ids(teacher_tok) if key["markers"] else None
     targets = teacher_targets(teacher, teacher_tok, examples, key["layout"], markers,
-                              top_k=top_k, echo=key["echo"], progress=progress,
+                              top_k=top_k, echo=key["echo"],
+                              passage_positions=key["passage_positions"], progress=progress,
                               batch_size=batch_size)
     targets.key = key
     del teacher

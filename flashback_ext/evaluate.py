@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Collator, Example, target_token_nll
+from .data import Collator, Example, check_attention_for_positions, target_token_nll
 from .marking import marker_ids
 
 __all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "TABLE_ROWS", "markdown_table",
@@ -56,6 +56,7 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
         raise ValueError("markers=True but the tokenizer has no marking tokens")
     collate = Collator(layout, ids if markers else None, tokenizer.pad_token_id or 0, echo=echo,
                        passage_positions=passage_positions)
+    check_attention_for_positions(model, passage_positions)
     device = next(model.parameters()).device
     # float64 sums per target place: where the loss sits (appending hurts the first tokens most)
     sums = torch.zeros(0, dtype=torch.float64)

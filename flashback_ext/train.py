@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .data import Collator, Example, LAYOUTS, check_echo, check_passage_positions, target_nll
+from .data import (Collator, Example, LAYOUTS, check_attention_for_positions, check_echo,
+                   check_passage_positions, target_nll)
 from .distill import (DistillCollator, DistillDataset, TEACHER_FILE, load_teacher_targets,
                       soft_target_nll)
 from .marking import add_marking_tokens, marker_ids
@@ -295,6 +296,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     check_echo(settings.layout, settings.echo_tokens)
     check_passage_positions(settings.layout, settings.markers, settings.passage_positions,
                             settings.echo_tokens)
+    check_attention_for_positions(model, settings.passage_positions)
     check_distill(settings)
     if settings.eval_every and not eval_examples:
         raise ValueError("eval_every needs held-out examples (eval_examples)")

@@ -192,8 +192,10 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
                  "--no-markers", "--out", str(teacher)]) == 0
     assert main(["train", *common, "--steps", "1", "--batch-size", "4", "--distill-from",
                  str(teacher), "--distill-top-k", "5", "--out", str(student)]) == 0
-    got = __import__("json").loads((student / "flashback_run.json").read_text())["settings"]
+    info = __import__("json").loads((student / "flashback_run.json").read_text())
+    got = info["settings"]
     assert (got["distill_from"], got["distill_weight"], got["distill_top_k"]) == (str(teacher), 0.5, 5)
+    assert info["teacher_s"] > 0 and (student / "checkpoints" / "teacher_targets.pt").exists()
     assert main(["train", *common, "--steps", "1", "--layout", "prepend", "--no-markers",
                  "--echo-tokens", "2", "--out", str(tmp_path / "pe")]) == 2
     assert "needs the append layout" in capsys.readouterr().err

@@ -59,11 +59,12 @@ def test_static_step_follows_passages_before_the_context(tiny):
     assert timing.decode_steps > 0 and timing.graph_steps == timing.decode_steps
 
 
-def test_finished_sequences_stay_put(tiny):
-    _, free = _run(tiny, False)
+@pytest.mark.parametrize("positions", ["after", "before"])
+def test_finished_sequences_stay_put(tiny, positions):
+    _, free = _run(tiny, False, passage_positions=positions)
     eos = {free[1].token_ids[2]}  # sequence 1 stops early; the others keep decoding
-    _, eager = _run(tiny, False, eos=eos)
-    gen, static = _run(tiny, True, eos=eos)
+    _, eager = _run(tiny, False, eos=eos, passage_positions=positions)
+    gen, static = _run(tiny, True, eos=eos, passage_positions=positions)
     assert static[1].finish_reason == "eos"
     _assert_same(eager, static, 1e-6)
 

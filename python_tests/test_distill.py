@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from flashback_ext.data import Collator, build_examples, layout_tokens, target_nll
+from flashback_ext.data import Collator, build_examples, layout_positions, layout_tokens, target_nll
 from flashback_ext.distill import (DistillCollator, TEACHER_FILE, load_teacher_targets,
                                    soft_target_nll, teacher_targets)
 from flashback_ext.marking import add_marking_tokens, marker_ids
@@ -42,10 +42,12 @@ def teacher_dir(tok, examples, tmp_path):
                          tmp_path / "teacher", settings=settings)
 
 
-def _one_by_one_logp(model, ex, layout, markers, exclude=()):
+def _one_by_one_logp(model, ex, layout, markers, exclude=(), positions="after"):
     """Next-token log-probs at each target place, one unpadded example at a time."""
     ids, start = layout_tokens(ex, layout, markers)
-    logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    pos = layout_positions(ex, layout, markers, passage_positions=positions)
+    logits = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]),
+                   attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0].float()
     logits[:, list(exclude)] = float("-inf")
     return torch.log_softmax(logits[start - 1:len(ids) - 1], -1)
 
@@ -104,9 +106,11 @@ def test_teacher_targets_are_the_teachers_own_top_k(tok, examples, teacher_dir, 
         torch.testing.assert_close(logp.exp().sum(-1), torch.ones(len(ex.tgt)))
 
 
-def test_teacher_with_markers_never_proposes_a_marker(tok, examples, tmp_path):
+def test_teacher_with_markers_never_proposes_a_marker_and_keeps_its_positions(tok, examples,
+                                                                            tmp_path):
+    # a teacher trained with the passage "before" is scored at those positions
     settings = TrainSettings(layout="append", markers=True, steps=1, batch_size=4, lr=1e-2,
-                             save_steps=100)
+                             save_steps=100, passage_positions="before")
     folder = train_adapter(_model(tok), tiny_hf_tokenizer(), examples, tmp_path / "t",
                            settings=settings)
     student_tok = tiny_hf_tokenizer()
@@ -114,6 +118,12 @@ def test_teacher_with_markers_never_proposes_a_marker(tok, examples, tmp_path):
     markers = marker_ids(AutoTokenizer.from_pretrained(folder))
     assert all(not torch.isin(ids, torch.tensor(markers)).any() for ids in got.ids)
     assert got.ids[0].shape[1] == len(student_tok)  # every token but the two markers
+    assert got.key["passage_positions"] == "before"
+    teacher, _ = load_adapter(_model(tok), folder)
+    for ex, ids, logp in zip(examples[:3], got.ids, got.logp):
+        full = _one_by_one_logp(teacher, ex, "append", markers, exclude=markers,
+                                positions="before")
+        torch.testing.assert_close(full.gather(1, ids), logp, atol=1e-5, rtol=1e-5)
 
 
 def test_distill_collator_pads_teacher_rows_in_target_order(tok, examples, teacher_dir):
@@ -129,9 +139,11 @@ def test_distill_collator_pads_teacher_rows_in_target_order(tok, examples, teach
     assert int((batch["labels"] != -100).sum()) == int(batch["teacher_mask"].sum())
 
 
+@pytest.mark.parametrize("top_k", [10_000, 3])
 def test_training_loss_mixes_target_nll_and_teacher_cross_entropy(tok, examples, teacher_dir,
-                                                                  tmp_path):
+                                                                  tmp_path, top_k):
     # lr 0, no dropout: the one logged loss is the mix computed by hand, one example at a time
+    # (top_k 3: the teacher's 3 most likely tokens, renormalised)
     exs, w = examples[:4], 0.3
     teacher, _ = load_adapter(_model(tok), teacher_dir)
     student = _model(tok)
@@ -141,15 +153,17 @@ def test_training_loss_mixes_target_nll_and_teacher_cross_entropy(tok, examples,
     with torch.no_grad():
         total, count = 0.0, 0
         for ex in exs:
-            q = _one_by_one_logp(teacher, ex, "prepend", None).exp()
+            t = _one_by_one_logp(teacher, ex, "prepend", None)
             p = _one_by_one_logp(student, ex, "append", markers, exclude=markers)
+            top, idx = t.topk(min(top_k, t.shape[1]), dim=-1)
+            q = torch.softmax(top, -1)  # renormalised over the kept tokens
             hard = -p.gather(1, torch.tensor(ex.tgt)[:, None]).sum()
-            soft = -(q * p[:, :q.shape[1]]).sum()  # top_k >= vocab: the whole distribution
+            soft = -(q * p.gather(1, idx)).sum()
             total += float((1 - w) * hard + w * soft)
             count += len(ex.tgt)
     settings = TrainSettings(steps=1, batch_size=4, lr=0.0, lora_dropout=0.0, warmup_ratio=0.0,
                              save_steps=100, distill_from=str(teacher_dir), distill_weight=w,
-                             distill_top_k=10_000)
+                             distill_top_k=top_k)
     folder = train_adapter(student, student_tok, exs, tmp_path / "student", settings=settings)
     info = json.loads((folder / "flashback_run.json").read_text())
     assert info["train_loss"] == pytest.approx(total / count, rel=1e-4)

@@ -630,14 +630,19 @@ def test_passage_positions_before_are_the_prepend_geometry(model, tok, setup):
                        position_ids=batch["position_ids"]).logits
         for i, ex in enumerate(exs):
             toks, _ = layout_tokens(ex, "append", ids)
+            # an explicit mask: without one (and no cache) transformers reads non-consecutive
+            # positions as packed sequences
             one = model(input_ids=torch.tensor([toks]),
+                        attention_mask=torch.ones(1, len(toks), dtype=torch.long),
                         position_ids=torch.tensor([layout_positions(ex, "append", ids,
                                                                     passage_positions="before")])).logits
             torch.testing.assert_close(logits[i, -len(toks):], one[0], atol=2e-5, rtol=0)
         # and the positions matter, by far more than that tolerance (a random tiny model is
         # nearly position-blind): the paper's contiguous ones give other logits
-        plain = model(input_ids=torch.tensor([tokens])).logits
-        shifted = model(input_ids=torch.tensor([tokens]), position_ids=torch.tensor([pos])).logits
+        ones = torch.ones(1, len(tokens), dtype=torch.long)
+        plain = model(input_ids=torch.tensor([tokens]), attention_mask=ones).logits
+        shifted = model(input_ids=torch.tensor([tokens]), attention_mask=ones,
+                        position_ids=torch.tensor([pos])).logits
         assert float((plain[0, start:] - shifted[0, start:]).abs().max()) > 1e-4
     for layout, markers, echo, match in [("prepend", None, 0, "needs the append layout"),
                                          ("append", None, 0, "needs the marking tokens"),
@@ -646,3 +651,30 @@ def test_passage_positions_before_are_the_prepend_geometry(model, tok, setup):
             Collator(layout, markers, 0, echo=echo, passage_positions="before")
     with pytest.raises(ValueError, match="passage_positions must be one of"):
         Collator("append", ids, 0, passage_positions="middle")
+    model.config._attn_implementation = "flash_attention_2"  # refused before any forward
+    with pytest.raises(ValueError, match="needs sdpa or eager attention"):
+        perplexity(model, tok, exs, "append", markers=True, passage_positions="before",
+                   progress=False)
+
+
+def test_training_with_passages_before_sees_those_positions(tok, setup, tmp_path):
+    # lr 0, no dropout: the logged loss is the evaluator's NLL at the "before" positions, which
+    # differs from the contiguous positions' on a position-sensitive model
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=4, progress=False)
+    model = tiny_llama(vocab_size=len(tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+    add_marking_tokens(model, tok)
+    want = perplexity(model, tok, exs, "append", markers=True, progress=False,
+                      passage_positions="before")["nll"]
+    other = perplexity(model, tok, exs, "append", markers=True, progress=False)["nll"]
+    assert abs(want - other) > 2e-4  # 5x the tolerance below
+    settings = TrainSettings(steps=1, batch_size=4, lr=0.0, lora_dropout=0.0, warmup_ratio=0.0,
+                             save_steps=100, passage_positions="before")
+    folder = train_adapter(model, tok, exs, tmp_path / "adapter", settings=settings)
+    info = json.loads((folder / "flashback_run.json").read_text())
+    assert info["train_loss"] == pytest.approx(want, rel=1e-5)
+    assert info["settings"]["passage_positions"] == "before"
