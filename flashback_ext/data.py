@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 __all__ = ["Example", "LAYOUTS", "PASSAGE_POSITIONS", "split_by_document", "build_examples",
            "load_or_build_examples", "layout_tokens", "layout_positions", "check_echo",
            "check_passage_positions", "check_attention_for_positions", "Collator", "python_docs",
-           "DataError", "target_nll", "target_token_nll"]
+           "DataError", "target_nll", "target_token_nll", "exclude_logits", "forward_batch"]
 
 logger = logging.getLogger(__name__)
 LAYOUTS = ("none", "prepend", "append")
@@ -262,9 +262,8 @@ def layout_positions(ex: Example, layout: str, markers: Optional[tuple[int, int]
     for ``"before"``, ``<MARK_L> e`` take ``0 .. len(e)``, the context the next ``len(src)``
     positions, ``<MARK_R>`` the one after them and the targets follow it."""
     check_passage_positions(layout, markers, passage_positions, echo)
-    ids, _ = layout_tokens(ex, layout, markers, echo)
     if passage_positions == "after":
-        return list(range(len(ids)))
+        return list(range(len(layout_tokens(ex, layout, markers, echo)[0])))
     head = len(ex.e) + 1  # <MARK_L> e
     n_src = len(ex.src)
     return (list(range(head, head + n_src)) + list(range(head))
@@ -316,18 +315,35 @@ class Collator:
         return int((labels != -100).sum(1).max()) + 1
 
 
+def exclude_logits(logits: torch.Tensor, exclude_ids: Iterable[int]) -> torch.Tensor:
+    """``logits`` in float32 with the ``exclude_ids`` columns (the markers) at -inf, so that the
+    softmax leaves them out; the caller's tensor is never written."""
+    logits = logits.float()
+    excl = list(exclude_ids)
+    if excl:
+        logits = logits.clone()
+        logits[..., excl] = float("-inf")
+    return logits
+
+
+def forward_batch(model, batch: dict, keep: int) -> torch.Tensor:
+    """The logits of the last ``keep`` positions of a :class:`Collator` batch, on the model's
+    device (with the batch's ``position_ids`` when it has them)."""
+    device = next(model.parameters()).device
+    extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
+    return model(input_ids=batch["input_ids"].to(device),
+                 attention_mask=batch["attention_mask"].to(device),
+                 logits_to_keep=keep, **extra).logits
+
+
 def target_token_nll(logits: torch.Tensor, labels: torch.Tensor,
                      exclude_ids: Iterable[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL of every labelled position, with the marker logits left out of the softmax
     (the model is never asked to predict a marker). Returns ``(nll, index)``: one entry per target
     token in row-major order, ``index`` = the token's place within its row's targets (0 = the
     first target token)."""
-    logits = logits[:, :-1].float()
+    logits = exclude_logits(logits[:, :-1], exclude_ids)
     targets = labels[:, 1:]
-    excl = list(exclude_ids)
-    if excl:
-        logits = logits.clone()
-        logits[..., excl] = float("-inf")
     keep = targets != -100
     index = (keep.cumsum(1) - 1)[keep]
     nll = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")

@@ -27,7 +27,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Collator, Example
+from .data import Collator, Example, exclude_logits, forward_batch
 
 __all__ = ["TeacherTargets", "teacher_targets", "soft_target_nll", "load_teacher_targets",
            "DistillDataset", "DistillCollator", "examples_digest", "TEACHER_FILE"]
@@ -54,15 +54,6 @@ def examples_digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
-def _masked_logits(logits: torch.Tensor, exclude_ids: Iterable[int]) -> torch.Tensor:
-    logits = logits.float()
-    excl = list(exclude_ids)
-    if excl:
-        logits = logits.clone()
-        logits[..., excl] = float("-inf")
-    return logits
-
-
 @torch.no_grad()
 def teacher_targets(teacher, tokenizer, examples: Sequence[Example], layout: str,
                     markers: Optional[tuple[int, int]], *, top_k: int = 64, echo: int = 0,
@@ -87,13 +78,10 @@ def teacher_targets(teacher, tokenizer, examples: Sequence[Example], layout: str
         chunk = examples[start:start + batch_size]
         batch = collate(chunk)
         keep = Collator.keep_logits(batch["labels"])
-        extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
-        logits = teacher(input_ids=batch["input_ids"].to(device),
-                         attention_mask=batch["attention_mask"].to(device),
-                         logits_to_keep=keep, **extra).logits
+        logits = forward_batch(teacher, batch, keep)
         # rows past the tokenizer (an embedding padded or grown beyond it, as OPT's or one the
         # student's markers were already added to) are no tokens the student could be taught
-        logits = _masked_logits(logits[:, :-1, :len(tokenizer)], exclude)
+        logits = exclude_logits(logits[:, :-1, :len(tokenizer)], exclude)
         wanted = (batch["labels"][:, -keep:][:, 1:] != -100).to(device)
         k = min(top_k, logits.shape[-1] - len(exclude))
         top, idx = torch.log_softmax(logits[wanted], -1).topk(k, dim=-1)
@@ -182,7 +170,7 @@ def soft_target_nll(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: tor
     labelled positions. ``teacher_*`` are ``[batch, max targets, k]`` with ``teacher_mask``
     marking each row's real targets, in the order of its labelled positions. Returns
     ``(sum, count)``."""
-    logits = _masked_logits(logits[:, :-1], exclude_ids)
+    logits = exclude_logits(logits[:, :-1], exclude_ids)
     keep = labels[:, 1:] != -100
     logp = torch.log_softmax(logits[keep], -1)
     ids, q = teacher_ids[teacher_mask], teacher_logp[teacher_mask].exp()

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Collator, Example, check_attention_for_positions, target_token_nll
+from .data import (Collator, Example, check_attention_for_positions, forward_batch,
+                   target_token_nll)
 from .marking import marker_ids
 
 __all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "TABLE_ROWS", "markdown_table",
@@ -69,10 +70,7 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
         chunk = examples[start:start + batch_size]
         batch = collate(chunk)
         keep = Collator.keep_logits(batch["labels"])
-        extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device),
-                       logits_to_keep=keep, **extra).logits
+        logits = forward_batch(model, batch, keep)
         labels = batch["labels"][:, -keep:]
         nll, index = target_token_nll(logits, labels.to(device), ids or ())
         rows = (labels[:, 1:] != -100).nonzero()[:, 0]  # the row of each nll entry (row-major)

@@ -384,7 +384,7 @@ class RALMGenerator:
         traces: list[list] = [[] for _ in range(batch)]
         trace_positions: list[list[list[int]]] = [[] for _ in range(batch)]
         views: list[list[int]] = [[] for _ in range(batch)]  # what each cache holds, in order
-        rope_views: list[list[int]] = [[] for _ in range(batch)]  # and at which rotary positions
+        rope_views: list[list[int]] = [[] for _ in range(batch)]  # and at which positions (trace)
         # slot - rotary position of the tokens after <MARK_R> (passage_positions "before"; else 0)
         shift = [0] * batch
         active = [True] * batch
@@ -400,12 +400,13 @@ class RALMGenerator:
             if reset:
                 cache.reset()
             explicit = rope is not None or any(shift)
-            if rope is None:
+            if rope is None and (explicit or trace):  # else the cache's slots, nothing to build
                 rope = [[s - shift[b] + i for i in range(len(block))]
                         for b, (s, block) in enumerate(zip(cache.next_positions(), blocks))]
             for b, block in enumerate(blocks):
                 views[b] = ([] if reset else views[b]) + block
-                rope_views[b] = ([] if reset else rope_views[b]) + rope[b]
+                if trace:  # the positions are kept for the trace only
+                    rope_views[b] = ([] if reset else rope_views[b]) + rope[b]
             counts = [len(block) for block in blocks]
             if kind == "block":
                 timing.block_tokens += sum(counts)
