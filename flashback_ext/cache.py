@@ -88,6 +88,11 @@ class RingKVCache:
         layer = self._layer(layer)
         return self._len[layer][b] + self._evicted[layer][b]
 
+    def evicted(self, b: int, layer: int = 0) -> int:
+        """Tokens of sequence ``b`` dropped by ``overflow="evict"`` since the last reset: always
+        the oldest ones after the ``sink`` pinned tokens."""
+        return self._evicted[self._layer(layer)][b]
+
     def memory_bytes(self) -> int:
         """Bytes held by the K and V buffers of all layers (the length tensors are negligible)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -74,6 +74,9 @@ class GenerationResult:
     retrievals: list[RetrievalRecord]
     timing: Timing  # shared by the whole batch
     finish_reason: str = "length"
+    # with trace=True: per generated token, the tokens the cache held (in order) and the logits.
+    # Under overflow="evict" the held tokens' deeper-layer keys were computed while evicted
+    # tokens were still held, so a forward of the sequence alone matches only a one-layer model.
     trace: list[tuple[list[int], torch.Tensor]] = field(default_factory=list, repr=False)
     # with trace=True: the rotary position of every token of each trace step's sequence
     trace_positions: list[list[int]] = field(default_factory=list, repr=False)
@@ -288,6 +291,13 @@ class RALMGenerator:
         end = start + n_context  # the context's length: <MARK_R>'s rotary position
         return list(range(start, end)) + list(range(-(n_e - 1), 0)) + [end], n_e - 1
 
+    @staticmethod
+    def _held(cache: FlashBackCache, b: int) -> Callable[[list], list]:
+        """Keeps the entries of a per-token list (all tokens written since the reset, in cache
+        order) that sequence ``b``'s cache still holds: eviction drops the oldest non-sink ones."""
+        sink, gone = cache.ring.sink, cache.ring.evicted(b)
+        return lambda items: items[:sink] + items[sink + gone:]
+
     def _echo(self, context: Sequence[int]) -> list[int]:
         """The context's last ``echo_tokens`` tokens, repeated after the passage."""
         return list(context[-self.echo_tokens:]) if self.echo_tokens else []
@@ -467,9 +477,10 @@ class RALMGenerator:
                     row = row.clone()
                     row[list(self.markers)] = float("-inf")
                 tok = self._sample(row, do_sample, temperature, top_k, top_p, gen)
-                if trace:
-                    traces[b].append((views[b][:], logits[b].detach().cpu()))
-                    trace_positions[b].append(rope_views[b][:])
+                if trace:  # what the cache holds: evicted tokens left the view
+                    held = self._held(cache, b)
+                    traces[b].append((held(views[b]), logits[b].detach().cpu()))
+                    trace_positions[b].append(held(rope_views[b]))
                 tokens[b].append(tok)
                 pending[b] = tok
                 if stream is not None:

@@ -104,6 +104,33 @@ def test_cache_on_unpatched_model_is_a_clear_error():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("sink", [0, 3])
+def test_evicted_tokens_vanish_for_later_queries_only(sink):
+    # overflow="evict" (StreamingLLM-style): a query attends to what the cache holds when it is
+    # written, but the kept tokens' deeper-layer keys still carry what they saw of evicted ones.
+    # Reference: one full forward whose mask hides from each query the tokens evicted by then.
+    model = tiny_llama(layers=3)
+    n_tokens, capacity, cuts = 70, 30, [20, 27, 28, 45, 46]
+    ids = torch.randint(0, 512, (1, n_tokens))
+    visible = torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril()
+    held = gone = start = 0
+    for end in cuts + [n_tokens]:
+        excess = max(0, held + end - start - capacity)
+        gone, held = gone + excess, held + end - start - excess
+        visible[start:end, sink:sink + gone] = False
+        start = end
+    mask = torch.zeros(1, 1, n_tokens, n_tokens).masked_fill(~visible, torch.finfo(torch.float32).min)
+    full = model(ids, attention_mask=mask).logits
+    patch_model(model)
+    cache = FlashBackCache.for_model(model, 1, capacity, sink=sink, overflow="evict")
+    got = _chunks_forward(model, ids, cache, cuts)
+    assert cache.ring.evicted(0) == gone == n_tokens - capacity
+    assert (got - full).abs().max().item() <= 1e-4
+    # and the mask mattered: hiding nothing gives other logits
+    assert (got - model(ids).logits).abs().max().item() > 1e-3
+
+
+@torch.no_grad()
 def test_positions_default_to_cache_length():
     # without explicit position_ids, Llama derives them from get_seq_length()
     model = patch_model(tiny_llama())

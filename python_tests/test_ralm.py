@@ -283,3 +283,25 @@ def test_cpu_head_in_weight_major_order_gives_the_heads_logits(tiny):
     gen._head = hooked
     gen._head_logits(last)
     assert calls[-1] == "hooked"
+
+
+@pytest.mark.parametrize("passage_positions", ["after", "before"])
+def test_evicting_engine_matches_a_forward_of_what_the_cache_holds(passage_positions):
+    # overflow="evict" drops the oldest non-sink context tokens; the survivors keep their
+    # positions, and the trace shows what the cache holds. With one layer, keys depend on their
+    # own token only, so every step must equal a forward of the held tokens at those positions
+    # (deeper keys remember evicted tokens: test_hf checks that with a mask).
+    one_layer = tiny_llama(vocab_size=260, layers=1)
+    tok = ByteTokenizer(markers=True)
+    sink = 3
+    gen = RALMGenerator(one_layer, tok, ListRetriever(TEXTS, tok), stride=4, passage_tokens=8,
+                        capacity=36, overflow="evict", sink=sink,
+                        passage_positions=passage_positions)
+    results = gen.generate(["a prompt that is fairly long already", "short one"],
+                           max_new_tokens=21, trace=True, stop_on_eos=False)
+    assert max_trace_error(one_layer, results) <= 1e-3
+    for r in results:
+        assert all(len(seq) <= 36 for seq, _ in r.trace)
+        last = r.trace_positions[-1]
+        assert last[:sink] == list(range(sink))  # the sink stays
+        assert last[sink] > sink  # and the oldest context tokens after it were evicted
