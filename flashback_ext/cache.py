@@ -218,6 +218,12 @@ class RingKVCache:
                 if c > self._len[layer][b]:
                     raise ValueError(f"cannot roll back {c} tokens of sequence {b}: layer {layer} "
                                      f"holds {self._len[layer][b]}")
+                if self._evicted[layer][b] and c > self._len[layer][b] - self.sink:
+                    # the oldest non-sink tokens are gone: rolling back past the newest
+                    # ring-full would reach tokens that were evicted, or the sink
+                    raise ValueError(f"cannot roll back {c} tokens of sequence {b}: it holds "
+                                     f"{self._len[layer][b]} ({self.sink} sink) after evicting "
+                                     f"{self._evicted[layer][b]}; evicted tokens cannot come back")
         self._set_lengths([[self._len[l][b] - c for b, c in enumerate(counts)]
                            for l in range(self.num_layers)])
 

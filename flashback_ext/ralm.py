@@ -293,8 +293,9 @@ class RALMGenerator:
 
     @staticmethod
     def _held(cache: FlashBackCache, b: int) -> Callable[[list], list]:
-        """Keeps the entries of a per-token list (all tokens written since the reset, in cache
-        order) that sequence ``b``'s cache still holds: eviction drops the oldest non-sink ones."""
+        """Keeps the entries of a per-token list (the tokens written since the reset and not
+        rolled back, in cache order) that sequence ``b``'s cache still holds: eviction drops the
+        oldest non-sink ones."""
         sink, gone = cache.ring.sink, cache.ring.evicted(b)
         return lambda items: items[:sink] + items[sink + gone:]
 
@@ -344,7 +345,8 @@ class RALMGenerator:
 
         ``stream(index, token_id, text)`` is called for every new token. ``trace=True`` records,
         for every generated token, the exact token sequence the model attended over and its
-        next-token logits (for tests: they must equal a from-scratch forward of that sequence).
+        next-token logits (for tests: they must equal a from-scratch forward of that sequence;
+        under ``overflow="evict"`` only for a one-layer model, see :class:`GenerationResult`).
         Returns one :class:`GenerationResult` per prompt (a single one for a string prompt).
         """
         single = isinstance(prompts, str)
@@ -377,6 +379,12 @@ class RALMGenerator:
         need = max(len(t) for t in tokens) + max_new + block + self.stride + 1
         if self.capacity is None:
             return need
+        if self.overflow == "evict" and self.mode == "append" and \
+                self.capacity - self.sink < self.stride + block:
+            # the passage and the tokens decoded after it are rolled back at the next retrieval:
+            # eviction must never reach them (nor the sink), so a whole retrieval block must fit
+            raise ValueError(f"overflow='evict' needs capacity - sink >= stride + passage block "
+                             f"= {self.stride + block} slots, got {self.capacity} - {self.sink}")
         if self.capacity < need and self.overflow == "error":
             raise ValueError(f"the prompt ({max(len(t) for t in tokens)} tokens) plus "
                              f"{max_new} new tokens and a retrieval block need {need} cache slots, "

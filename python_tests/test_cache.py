@@ -100,6 +100,20 @@ def test_block_larger_than_ring_is_rejected_even_with_evict():
     assert cache.lengths() == [5] and cache.next_position(0) == 5
 
 
+@pytest.mark.parametrize("sink", [1, 3])  # without a sink, "more than it holds" covers it
+def test_rollback_cannot_reach_evicted_tokens(sink):
+    cache = RingKVCache(1, 1, 1, 8, 10, sink=sink, overflow="evict")
+    for n in (6, 6):  # the second block evicts 2 of the oldest non-sink tokens
+        cache.append(0, *_block(n, batch=1, hkv=1))
+    assert cache.evicted(0) == 2 and cache.lengths() == [10]
+    state = (cache.lengths(), cache.next_position(0), cache.ring_offset.tolist())
+    with pytest.raises(ValueError, match="evicted tokens cannot come back"):
+        cache.rollback(10 - sink + 1)
+    assert (cache.lengths(), cache.next_position(0), cache.ring_offset.tolist()) == state
+    cache.rollback(10 - sink)  # every non-sink token is still allowed
+    assert cache.lengths() == [sink] and cache.next_position(0) == sink + 2
+
+
 def test_bad_block_leaves_eviction_uncommitted():
     cache = RingKVCache(1, 1, 2, 8, 10, overflow="evict")
     k, v = _block(8, batch=1)

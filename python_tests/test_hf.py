@@ -106,8 +106,9 @@ def test_cache_on_unpatched_model_is_a_clear_error():
 @torch.no_grad()
 @pytest.mark.parametrize("sink", [0, 3])
 def test_evicted_tokens_vanish_for_later_queries_only(sink):
-    # overflow="evict" (StreamingLLM-style): a query attends to what the cache holds when it is
-    # written, but the kept tokens' deeper-layer keys still carry what they saw of evicted ones.
+    # overflow="evict" (StreamingLLM's eviction, but kept tokens keep their positions): a query
+    # attends to what the cache holds when it is written, while the kept tokens' deeper-layer
+    # keys still carry what they saw of evicted ones.
     # Reference: one full forward whose mask hides from each query the tokens evicted by then.
     model = tiny_llama(layers=3)
     n_tokens, capacity, cuts = 70, 30, [20, 27, 28, 45, 46]
