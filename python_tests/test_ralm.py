@@ -170,7 +170,7 @@ def test_engine_scores_with_passages_before_like_a_forward(tiny):
     (dict(stride=0), "stride must be a positive int"),
     (dict(query_tokens=-1), "query_tokens must be a positive int"),
     (dict(capacity=10), "need .* cache slots, capacity is 10"),
-    # the reviewer's case: a short prompt's first block fits, but decoding would evict the
+    # a short prompt's first block fits, but decoding after it would evict the
     # passage that the next retrieval rolls back
     (dict(capacity=24, sink=2, stride=16, passage_tokens=8, overflow="evict"),
      r"capacity - sink >= stride \+ passage block = 26 slots, got 24 - 2"),
