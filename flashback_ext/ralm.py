@@ -292,12 +292,12 @@ class RALMGenerator:
         return list(range(start, end)) + list(range(-(n_e - 1), 0)) + [end], n_e - 1
 
     @staticmethod
-    def _held(cache: FlashBackCache, b: int) -> Callable[[list], list]:
-        """Keeps the entries of a per-token list (the tokens written since the reset and not
-        rolled back, in cache order) that sequence ``b``'s cache still holds: eviction drops the
-        oldest non-sink ones."""
-        sink, gone = cache.ring.sink, cache.ring.evicted(b)
-        return lambda items: items[:sink] + items[sink + gone:]
+    def _held(cache: FlashBackCache, b: int, items: list) -> list:
+        """The entries of a per-token list (the tokens written since the reset and not rolled
+        back, in cache order) that sequence ``b``'s cache still holds: eviction drops the oldest
+        non-sink ones."""
+        sink = cache.ring.sink
+        return items[:sink] + items[sink + cache.ring.evicted(b):]
 
     def _echo(self, context: Sequence[int]) -> list[int]:
         """The context's last ``echo_tokens`` tokens, repeated after the passage."""
@@ -486,9 +486,8 @@ class RALMGenerator:
                     row[list(self.markers)] = float("-inf")
                 tok = self._sample(row, do_sample, temperature, top_k, top_p, gen)
                 if trace:  # what the cache holds: evicted tokens left the view
-                    held = self._held(cache, b)
-                    traces[b].append((held(views[b]), logits[b].detach().cpu()))
-                    trace_positions[b].append(held(rope_views[b]))
+                    traces[b].append((self._held(cache, b, views[b]), logits[b].detach().cpu()))
+                    trace_positions[b].append(self._held(cache, b, rope_views[b]))
                 tokens[b].append(tok)
                 pending[b] = tok
                 if stream is not None:
