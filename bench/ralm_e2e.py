@@ -36,9 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import measure_ceilings  # noqa: E402
-from flashback_ext.hf import unpatch_model  # noqa: E402
-from flashback_ext.ralm import RALMGenerator  # noqa: E402
-from flashback_ext.retrieval import Hit, Passage  # noqa: E402
+from flashback_ext.engine.hf import unpatch_model  # noqa: E402
+from flashback_ext.engine.generator import RALMGenerator  # noqa: E402
+from flashback_ext.engine.retrieval import Hit, Passage  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -85,11 +85,11 @@ def sync(device):
 
 def build_model(name: str, device: torch.device):
     if name == "default":
-        from flashback_ext.models import load_model
+        from flashback_ext.engine.models import load_model
         model, _ = load_model("default", device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
         return model
     if name == "tiny":  # smoke tests
-        from flashback_ext.models import tiny_llama
+        from flashback_ext.engine.models import tiny_llama
         return tiny_llama(vocab_size=512, max_positions=8192).to(device)
     if name == "llama2-7b-shape":
         from transformers import LlamaConfig, LlamaForCausalLM

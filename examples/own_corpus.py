@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from flashback_ext import RALMGenerator, load_model
-from flashback_ext.retrieval import Corpus, build_index, load_index
+from flashback_ext.engine.retrieval import Corpus, build_index, load_index
 
 
 def sample_folder() -> Path:

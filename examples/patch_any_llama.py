@@ -11,8 +11,8 @@ import argparse
 import torch
 
 from flashback_ext import FlashBackCache, RALMGenerator, load_model, patch_model, unpatch_model
-from flashback_ext.hf import cache_kwarg_name
-from flashback_ext.retrieval import BM25Retriever, Corpus
+from flashback_ext.engine.hf import cache_kwarg_name
+from flashback_ext.engine.retrieval import BM25Retriever, Corpus
 
 
 @torch.no_grad()

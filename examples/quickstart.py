@@ -6,9 +6,9 @@ append-mode generation.
 import argparse
 
 from flashback_ext import RALMGenerator, load_model
-from flashback_ext.models import default_adapter_path
-from flashback_ext.retrieval import BM25Retriever, Corpus
-from flashback_ext.train import load_adapter, run_info
+from flashback_ext.engine.models import default_adapter_path
+from flashback_ext.engine.retrieval import BM25Retriever, Corpus
+from flashback_ext.pipeline.adapter_io import load_adapter, run_info
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .ralm import MARK_L, MARK_R
+from .layout import MARK_L, MARK_R
 
 __all__ = ["MARK_L", "MARK_R", "add_marking_tokens", "marker_ids"]
 

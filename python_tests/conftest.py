@@ -9,7 +9,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded default model (converted from GGUF once into the flashback cache dir)."""
-    from flashback_ext.models import load_model
+    from flashback_ext.engine.models import load_model
 
     return load_model("default", device="cpu", dtype=__import__("torch").float32)
 

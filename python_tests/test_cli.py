@@ -2,7 +2,7 @@
 import pytest
 
 from flashback_ext.cli import main
-from flashback_ext.models import tiny_llama
+from flashback_ext.engine.models import tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_generate_and_index_commands(tiny_model_dir, corpus_dir, tmp_path, capsy
     (["train", "--out", "x", "--lr=-1e-4"], "--lr must be > 0"),
     (["train", "--out", "x", "--lora-targets", ","], "--lora-targets names no module"),
     (["index", "search", "--index", "/no/such/index", "q"], "no index at"),
-    (["train", "--out", "x", "--echo-tokens", "-1"], "echo must be an int >= 0"),
+    (["train", "--out", "x", "--echo-tokens", "-1"], "echo_tokens must be an int >= 0"),
     (["train", "--out", "x", "--layout", "prepend", "--echo-tokens", "2"], "needs the append layout"),
     (["generate", "--prompt", "x", "--mode", "prepend", "--echo-tokens", "2"],
      "--echo-tokens needs --mode append"),
@@ -311,17 +311,17 @@ def test_exported_examples_train_and_score_without_the_corpus(tiny_model_dir, tm
 
 
 def test_each_launched_process_loads_onto_its_own_gpu(monkeypatch):
-    from flashback_ext.cli import _process_device
+    from flashback_ext.cli.common import process_device
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert _process_device(None, cuda=True) is None  # one process: the loader's own default
-    assert _process_device("cuda", cuda=True) == "cuda"
+    assert process_device(None, cuda=True) is None  # one process: the loader's own default
+    assert process_device("cuda", cuda=True) == "cuda"
     monkeypatch.setenv("LOCAL_RANK", "3")  # set by torchrun / accelerate launch
-    assert _process_device(None, cuda=True) == "cuda:3"
-    assert _process_device("cuda", cuda=True) == "cuda:3"
-    assert _process_device("cpu", cuda=True) == "cpu"
-    assert _process_device("cuda:1", cuda=True) == "cuda:1"  # the user's explicit choice stands
-    assert _process_device(None, cuda=False) is None
+    assert process_device(None, cuda=True) == "cuda:3"
+    assert process_device("cuda", cuda=True) == "cuda:3"
+    assert process_device("cpu", cuda=True) == "cpu"
+    assert process_device("cuda:1", cuda=True) == "cuda:1"  # the user's explicit choice stands
+    assert process_device(None, cuda=False) is None
 
 
 @pytest.mark.parametrize("given,want,note", [(None, 16, None), (10, 10, None), (4, 4, None),
@@ -330,7 +330,7 @@ def test_passage_length_follows_the_adapters_training_range(tmp_path, capsys, gi
     import json
     from types import SimpleNamespace
 
-    from flashback_ext.cli import _settle_passage_tokens
+    from flashback_ext.cli.common import settle_passage_tokens
 
     folder = tmp_path / "adapter"
     folder.mkdir()
@@ -339,10 +339,10 @@ def test_passage_length_follows_the_adapters_training_range(tmp_path, capsys, gi
         "settings": {"layout": "append", "markers": True}, "base": {},
         "examples_spec": {"passage_tokens": 16, "train_min_passage_tokens": 4}}))
     args = SimpleNamespace(passage_tokens=given)
-    _settle_passage_tokens(args, folder)
+    settle_passage_tokens(args, folder)
     assert args.passage_tokens == want
     err = capsys.readouterr().err
     assert (f"trained on {note}-token passages" in err) if note else err == ""
     args = SimpleNamespace(passage_tokens=None)
-    _settle_passage_tokens(args, None)  # no adapter: the engine's default
+    settle_passage_tokens(args, None)  # no adapter: the engine's default
     assert args.passage_tokens == 128

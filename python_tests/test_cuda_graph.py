@@ -1,14 +1,14 @@
-"""The static decode step behind CUDA graphs (flashback_ext.cuda_graph): on the CPU it runs
+"""The static decode step behind CUDA graphs (flashback_ext.engine.cuda_graph): on the CPU it runs
 eagerly and must reproduce the eager engine token for token and logit for logit; on a GPU the
 captured graph's replays must do the same."""
 import pytest
 import torch
 
-from flashback_ext.cache import RingKVCache
-from flashback_ext.cuda_graph import DecodeGraph
-from flashback_ext.hf import FlashBackCache
-from flashback_ext.models import tiny_llama
-from flashback_ext.ralm import RALMGenerator
+from flashback_ext.ops.ring_cache import RingKVCache
+from flashback_ext.engine.cuda_graph import DecodeGraph
+from flashback_ext.engine.hf import FlashBackCache
+from flashback_ext.engine.models import tiny_llama
+from flashback_ext.engine.generator import RALMGenerator
 from toys import ByteTokenizer, ListRetriever
 
 TEXTS = ["alpha beta gamma delta " * 4, "the quick brown fox jumps over the lazy dog",
@@ -107,7 +107,7 @@ def test_decode_graph_bad_steps(tiny):
 
 
 def test_capture_blockers_are_named(tiny):
-    from flashback_ext.cuda_graph import capture_blocker
+    from flashback_ext.engine.cuda_graph import capture_blocker
     cache = FlashBackCache.for_model(tiny, 1, 8)
     assert capture_blocker(tiny.model, cache) == "not a CUDA device"
     dec = DecodeGraph(tiny.model, tiny.lm_head, cache, "cache")

@@ -5,13 +5,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from flashback_ext.data import Collator, build_examples, layout_positions, layout_tokens, target_nll
-from flashback_ext.distill import (DistillCollator, TEACHER_FILE, load_teacher_targets,
-                                   soft_target_nll, teacher_targets)
+from flashback_ext.pipeline.batches import Collator, target_nll
+from flashback_ext.pipeline.examples import build_examples
+from flashback_ext.layout import layout_positions, layout_tokens
+from flashback_ext.pipeline.distill import DistillCollator, TEACHER_FILE, load_teacher_targets, soft_target_nll, teacher_targets
 from flashback_ext.marking import add_marking_tokens, marker_ids
-from flashback_ext.models import tiny_llama
-from flashback_ext.retrieval import BM25Retriever, Corpus
-from flashback_ext.train import AdapterError, TrainSettings, load_adapter, train_adapter
+from flashback_ext.engine.models import tiny_llama
+from flashback_ext.engine.retrieval import BM25Retriever, Corpus
+from flashback_ext.pipeline.adapter_io import AdapterError, load_adapter
+from flashback_ext.pipeline.train import TrainSettings, train_adapter
 from toys import tiny_hf_tokenizer, word_docs
 
 
@@ -174,7 +176,7 @@ def test_training_loss_mixes_target_nll_and_teacher_cross_entropy(tok, examples,
 def test_teacher_cache_is_reused_only_for_the_same_teacher_examples_and_k(tok, examples,
                                                                          teacher_dir, tmp_path,
                                                                          monkeypatch):
-    import flashback_ext.distill as distill
+    import flashback_ext.pipeline.distill as distill
 
     cache = tmp_path / "cache" / TEACHER_FILE
     calls = []

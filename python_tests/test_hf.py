@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from flashback_ext import hf
-from flashback_ext.hf import FlashBackCache, cache_kwarg_name, is_patched, patch_model, unpatch_model
-from flashback_ext.models import tiny_llama
+from flashback_ext.engine import hf
+from flashback_ext.engine.hf import FlashBackCache, cache_kwarg_name, is_patched, patch_model, unpatch_model
+from flashback_ext.engine.models import tiny_llama
 
 
 def _chunks_forward(model, ids, cache, cuts):

@@ -2,7 +2,7 @@
 file's own metadata, whatever the installed transformers version reads."""
 import pytest
 
-from flashback_ext.models import align_special_tokens, tiny_llama
+from flashback_ext.engine.models import align_special_tokens, tiny_llama
 
 gguf = pytest.importorskip("gguf")
 
@@ -55,7 +55,7 @@ def test_default_conversion_applies_the_gguf_tokens_and_upgrades_old_caches(tmp_
 
     import transformers
 
-    from flashback_ext import models
+    from flashback_ext.engine import models
     from toys import tiny_hf_tokenizer
 
     gguf_dir = tmp_path / "pkg"

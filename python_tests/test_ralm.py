@@ -1,11 +1,14 @@
 """RALM engine exactness: the logits of every step equal a from-scratch forward of exactly the
 token sequence the engine claims the model saw ([context | E | new tokens] for append,
 [E | context] for prepend), on a tiny random Llama and on the embedded SmolLM2."""
+import json
+
 import pytest
 import torch
 
-from flashback_ext.models import tiny_llama
-from flashback_ext.ralm import RALMGenerator
+from flashback_ext.engine.models import tiny_llama
+from flashback_ext.engine.generator import RALMGenerator
+from flashback_ext.marking import marker_ids
 from toys import ByteTokenizer, ListRetriever
 
 TEXTS = ["alpha beta gamma delta " * 4, "the quick brown fox jumps over the lazy dog",
@@ -160,12 +163,12 @@ def test_engine_scores_with_passages_before_like_a_forward(tiny):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(passage_positions="middle"), "passage_positions must be 'after' or 'before'"),
-    (dict(passage_positions="before", mode="prepend"), "needs mode='append' without echo"),
-    (dict(passage_positions="before", echo_tokens=2), "needs mode='append' without echo"),
+    (dict(passage_positions="middle"), "passage_positions must be one of"),
+    (dict(passage_positions="before", mode="prepend"), "'before' needs the append layout"),
+    (dict(passage_positions="before", echo_tokens=2), "and a context echo .* do not combine"),
     (dict(passage_positions="before"), "needs the marking tokens"),
     (dict(echo_tokens=-1), "echo_tokens must be an int >= 0"),
-    (dict(echo_tokens=2, mode="prepend"), "echo_tokens needs mode='append'"),
+    (dict(echo_tokens=2, mode="prepend"), r"echo \(echo_tokens=2\) needs the append layout"),
     (dict(mode="sideways"), "mode must be one of"),
     (dict(stride=0), "stride must be a positive int"),
     (dict(query_tokens=-1), "query_tokens must be a positive int"),
@@ -201,7 +204,7 @@ def test_bad_prompts(tiny):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["append", "prepend"])
 def test_engine_exact_on_embedded_smollm2(smollm2, mode):
-    from flashback_ext.retrieval import BM25Retriever, Corpus
+    from flashback_ext.engine.retrieval import BM25Retriever, Corpus
 
     model, tokenizer = smollm2
     retriever = BM25Retriever(Corpus.default(tokenizer))
@@ -239,22 +242,28 @@ def test_passages_from_another_tokenizer_are_reencoded(tiny):
     for p in ret.corpus.passages:  # as if an index had been built with another tokenizer
         p.token_ids = [x + 1 for x in p.token_ids]
     gen = RALMGenerator(tiny, tok, ret, stride=4, passage_tokens=200)
-    from flashback_ext.retrieval import Hit
+    from flashback_ext.engine.retrieval import Hit
     block = gen.passage_block([Hit(ret.corpus.passages[2], 1.0)])
     assert block == list(TEXTS[2].encode())
 
 
 @pytest.mark.slow
 def test_shipped_adapter_drives_append_mode():
-    from flashback_ext.models import default_adapter_path, load_model
-    from flashback_ext.retrieval import BM25Retriever, Corpus
-    from flashback_ext.train import load_adapter
+    from flashback_ext.engine.models import default_adapter_path, load_model
+    from flashback_ext.engine.retrieval import BM25Retriever, Corpus
+    from flashback_ext.pipeline.adapter_io import load_adapter
 
     path = default_adapter_path()
     assert path is not None, "the package ships the SmolLM2 FlashBack adapter"
-    base, tokenizer = load_model("default", device="cpu")
-    tuned, tuned_tok = load_adapter(base, path, merge=True)
+    config = json.loads((path / "adapter_config.json").read_text())
+    # peft's own loaders look the base model up by this name: the public one, not a build folder
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert not (path / "tokenizer.json").exists()  # the base tokenizer + markers rebuild it
+    base, tokenizer = load_model(config["base_model_name_or_path"], device="cpu")  # embedded
+    assert base.config._name_or_path == config["base_model_name_or_path"]
+    tuned, tuned_tok = load_adapter(base, path, tokenizer, merge=True)
     assert len(tuned_tok) == len(tokenizer) + 2
+    assert list(marker_ids(tuned_tok)) == config["trainable_token_indices"]["embed_tokens"]
     engine = RALMGenerator(tuned, tuned_tok, BM25Retriever(Corpus.default(tokenizer)), stride=8)
     assert engine.use_markers
     r = engine.generate("The try statement", max_new_tokens=12, trace=True, stop_on_eos=False)

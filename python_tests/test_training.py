@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashback_ext.data import (Collator, DataError, Example, build_examples, layout_positions,
-                                layout_tokens,
-                                passage_leaks, split_by_document, target_nll,
-                                target_token_nll)
-from flashback_ext.evaluate import engine_perplexity, perplexity, position_table
+from flashback_ext.pipeline.batches import Collator, target_nll, target_token_nll
+from flashback_ext.pipeline.examples import DataError, Example, build_examples, passage_leaks, split_by_document
+from flashback_ext.layout import layout_positions, layout_tokens
+from flashback_ext.pipeline.evaluate import engine_perplexity, perplexity, position_table
 from flashback_ext.marking import add_marking_tokens, marker_ids
-from flashback_ext.models import tiny_llama
-from flashback_ext.ralm import RALMGenerator
-from flashback_ext.retrieval import BM25Retriever, Corpus
-from flashback_ext.train import AdapterError, TrainSettings, load_adapter, train_adapter
+from flashback_ext.engine.models import tiny_llama
+from flashback_ext.engine.generator import RALMGenerator
+from flashback_ext.engine.retrieval import BM25Retriever, Corpus
+from flashback_ext.pipeline.adapter_io import AdapterError, load_adapter
+from flashback_ext.pipeline.train import TrainSettings, train_adapter
 from toys import tiny_hf_tokenizer, word_docs
 
 
@@ -168,7 +168,7 @@ def test_context_echo_repeats_the_last_context_tokens_after_the_passage():
         with pytest.raises(ValueError, match="needs the append layout"):
             Collator(layout, None, echo=1)
     for bad in (-1, True, 1.5):
-        with pytest.raises(ValueError, match="echo must be an int >= 0"):
+        with pytest.raises(ValueError, match="echo_tokens must be an int >= 0"):
             layout_tokens(ex, "append", None, echo=bad)
 
 
@@ -286,6 +286,33 @@ def test_adapter_round_trip_gives_identical_logits(model, tok, setup, tmp_path):
         torch.testing.assert_close(merged(input_ids=batch["input_ids"]).logits, want, atol=1e-4, rtol=1e-4)
 
 
+def test_adapter_without_its_tokenizer_takes_the_base_one_with_markers(model, tok, setup, tmp_path):
+    # the shipped adapter stores no tokenizer: the base tokenizer + the markers must rebuild it,
+    # on exactly the embedding rows the adapter trained
+    exs, folder = _train(model, tok, setup, tmp_path)
+    with_own = load_adapter(tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32,
+                                       heads=4, kv_heads=2), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    base_tok = tiny_hf_tokenizer()
+    fresh = tiny_llama(vocab_size=len(base_tok), layers=2, hidden=32, heads=4, kv_heads=2)
+    loaded, tok2 = load_adapter(fresh, folder, base_tok)
+    assert marker_ids(tok2) == marker_ids(with_own[1]) and marker_ids(base_tok) is None  # a copy
+    batch = Collator("append", marker_ids(tok2), 0)(exs[:3])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch["input_ids"]).logits,
+                                   with_own[0](input_ids=batch["input_ids"]).logits)
+    shifted = tiny_hf_tokenizer()
+    shifted.add_tokens(["<EXTRA>"])  # the markers would land one row later
+    with pytest.raises(AdapterError, match="not the tokenizer the adapter was trained with"):
+        load_adapter(tiny_llama(vocab_size=len(shifted), layers=2, hidden=32, heads=4,
+                                kv_heads=2), folder, shifted)
+    with pytest.raises(AdapterError, match="no tokenizer of its own"):  # tiny_llama has no folder
+        load_adapter(tiny_llama(vocab_size=len(base_tok), layers=2, hidden=32, heads=4,
+                                kv_heads=2), folder)
+
+
 @pytest.mark.parametrize("echo,positions", [(0, "after"), (3, "after"), (0, "before")])
 def test_engine_scores_like_the_evaluator(model, tok, setup, tmp_path, echo, positions):
     exs, folder = _train(model, tok, setup, tmp_path, passage_positions=positions)
@@ -399,7 +426,7 @@ def test_warm_start_with_tied_embeddings_trains_one_shared_marker_row(tok, setup
 
 
 def test_more_training_phases_keep_the_held_out_examples(tok, tmp_path, monkeypatch):
-    from flashback_ext.experiment import ExampleSpec, prepare_examples
+    from flashback_ext.pipeline.experiment import ExampleSpec, prepare_examples
 
     monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path))
     docs = tmp_path / "docs"
@@ -463,7 +490,7 @@ def test_logged_loss_is_the_target_mean_nll_whatever_the_accumulation(model, tok
 def test_loss_is_scaled_back_up_when_counts_are_summed_over_processes(model, tok, setup):
     from types import SimpleNamespace
 
-    from flashback_ext.train import _trainer_class
+    from flashback_ext.pipeline.train import _trainer_class
 
     docs, retriever = setup
     exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
@@ -483,7 +510,7 @@ def test_loss_is_scaled_back_up_when_counts_are_summed_over_processes(model, tok
 
 
 def test_ratio_interval_is_paired_over_examples():
-    from flashback_ext.evaluate import ratio_interval
+    from flashback_ext.pipeline.evaluate import ratio_interval
 
     rng = __import__("random").Random(1)
     tokens = [16] * 50 + [9] * 10
@@ -589,7 +616,7 @@ def test_held_out_curve_is_the_evaluators_number_and_survives_a_resume(model, to
 
 
 def test_an_unreadable_curve_file_is_ignored(tmp_path, caplog):
-    from flashback_ext.train import CURVE_FILE, _read_curve
+    from flashback_ext.pipeline.train import CURVE_FILE, _read_curve
 
     (tmp_path / CURVE_FILE).write_text('[{"step": 2, "perplex')  # cut off mid-write
     assert _read_curve(tmp_path) == []

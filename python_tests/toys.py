@@ -1,7 +1,7 @@
 """Tiny stand-ins for engine tests: a byte-level tokenizer and an in-memory retriever."""
 from __future__ import annotations
 
-from flashback_ext.retrieval import Corpus, Hit, Passage
+from flashback_ext.engine.retrieval import Corpus, Hit, Passage
 
 
 class ByteTokenizer:

@@ -2,84 +2,33 @@
 plain decoding, on a patched Hugging Face Llama-family model with a :class:`FlashBackCache`.
 
 Every ``stride`` generated tokens the engine retrieves with the last ``query_tokens`` tokens as
-the query. What the model then sees, per mode:
-
-* ``append`` (FlashBack): ``context | E | new tokens`` with ``E = <MARK_L> passage <MARK_R>``
-  (markers when the tokenizer has them). At a retrieval the cache is rolled back (O(1)) to the end
-  of the previous context and ``[tokens since then | E_new]`` is forwarded as ONE block; the
-  context's KV cache is never recomputed. With ``echo_tokens=k`` (not in the paper) the block is
-  ``[tokens since then | E_new | last k tokens]``: the new tokens follow a copy of the context's
-  end that has read the passage (an adapter trained with ``flashback train --echo-tokens k``).
-* ``prepend`` (In-Context RALM): ``E | context``, re-encoded from scratch at every retrieval.
-* ``none``: the context alone.
-
-Batches of prompts of different lengths run together (right-padded ragged blocks); every
-sequence retrieves after the same number of generated tokens.
+the query and forwards what the mode's block builder (:mod:`.blocks`) makes of the passages;
+between retrievals it decodes one token at a time on the cache. Batches of prompts of different
+lengths run together (right-padded ragged blocks, :mod:`.sequence` keeps each one's state);
+every sequence retrieves after the same number of generated tokens. docs/DESIGN.md has the data
+flow of one retrieval cycle.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ..layout import MARK_L, MARK_R, Layout
+from .blocks import AppendBlocks, Step, block_builder
 from .cuda_graph import DecodeGraph
 from .hf import FlashBackCache, cache_kwarg_name, patch_model
+from .results import GenerationResult, RetrievalRecord, Timing
+from .sampling import Sampler
+from .sequence import SequenceState
 
 __all__ = ["RALMGenerator", "GenerationResult", "RetrievalRecord", "Timing", "MARK_L", "MARK_R"]
 
 logger = logging.getLogger(__name__)
 
-MARK_L, MARK_R = "<MARK_L>", "<MARK_R>"
 MODES = ("append", "prepend", "none")
-
-
-@dataclass
-class RetrievalRecord:
-    generated: int  # tokens generated before this retrieval
-    query: str
-    passage_ids: list[int]
-    titles: list[str]
-    scores: list[float]
-
-
-@dataclass
-class Timing:
-    retrieval_s: float = 0.0  # retriever searches
-    prefill_s: float = 0.0  # the prompt before the first retrieval block (append, none)
-    block_s: float = 0.0  # retrieval blocks: append blocks / prepend re-encodes
-    decode_s: float = 0.0
-    total_s: float = 0.0
-    decode_steps: int = 0
-    graph_steps: int = 0  # decode steps run by the DecodeGraph (CUDA replays; its static step elsewhere)
-    retrievals: int = 0
-    block_tokens: int = 0  # tokens forwarded in retrieval blocks, the whole batch
-
-    @property
-    def ms_per_token(self) -> float:
-        return 1e3 * self.decode_s / max(1, self.decode_steps)
-
-    @property
-    def ms_per_block(self) -> float:
-        return 1e3 * self.block_s / max(1, self.retrievals)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    retrievals: list[RetrievalRecord]
-    timing: Timing  # shared by the whole batch
-    finish_reason: str = "length"
-    # with trace=True: per generated token, the tokens the cache held (in order) and the logits.
-    # Under overflow="evict" the held tokens' deeper-layer keys were computed while evicted
-    # tokens were still held, so a forward of the sequence alone matches only a one-layer model.
-    trace: list[tuple[list[int], torch.Tensor]] = field(default_factory=list, repr=False)
-    # with trace=True: the rotary position of every token of each trace step's sequence
-    trace_positions: list[list[int]] = field(default_factory=list, repr=False)
 
 
 class RALMGenerator:
@@ -125,14 +74,6 @@ class RALMGenerator:
                             ("passage_tokens", passage_tokens), ("k", k)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(echo_tokens, int) or isinstance(echo_tokens, bool) or echo_tokens < 0:
-            raise ValueError(f"echo_tokens must be an int >= 0, got {echo_tokens!r}")
-        if echo_tokens and mode != "append":
-            raise ValueError(f"echo_tokens needs mode='append', got {mode!r}")
-        if passage_positions not in ("after", "before"):
-            raise ValueError(f"passage_positions must be 'after' or 'before', got {passage_positions!r}")
-        if passage_positions == "before" and (mode != "append" or echo_tokens):
-            raise ValueError("passage_positions='before' needs mode='append' without echo_tokens")
         if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         if mode != "none" and retriever is None:
@@ -141,7 +82,6 @@ class RALMGenerator:
         self.tokenizer, self.retriever, self.mode = tokenizer, retriever, mode
         self.stride, self.query_tokens, self.passage_tokens, self.k = stride, query_tokens, passage_tokens, k
         self.capacity, self.overflow, self.sink = capacity, overflow, sink
-        self.echo_tokens = echo_tokens
         vocab = tokenizer.get_vocab()
         has_markers = MARK_L in vocab and MARK_R in vocab
         if use_markers and not has_markers:
@@ -149,10 +89,9 @@ class RALMGenerator:
                              f"(add them with flashback_ext.marking)")
         self.use_markers = has_markers if use_markers is None else use_markers
         self.markers = (vocab[MARK_L], vocab[MARK_R]) if self.use_markers else None
-        if passage_positions == "before" and not self.markers:
-            raise ValueError("passage_positions='before' needs the marking tokens (<MARK_R> is "
-                             "where the context resumes)")
-        self.passage_positions = passage_positions
+        self.layout = Layout(mode, self.markers, echo_tokens, passage_positions)  # validates
+        self.echo_tokens, self.passage_positions = echo_tokens, passage_positions
+        self.blocks = block_builder(self.layout, stride)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._body, self._head = base.model, base.get_output_embeddings()
         self._cache_kw = cache_kwarg_name(self._body)
@@ -203,21 +142,64 @@ class RALMGenerator:
             if not tokens or self.tokenizer.decode(tokens).strip() != p.text:
                 tokens = self.tokenizer.encode(p.text, add_special_tokens=False)
             ids += list(tokens[: self.passage_tokens])
-        return [self.markers[0], *ids, self.markers[1]] if self.markers else ids
+        return self.layout.marked(ids)
 
-    def _retrieve(self, tokens: list[list[int]], active: list[bool], generated: int,
-                  logs: list[list[RetrievalRecord]], exclude_doc_ids) -> list[list[int]]:
-        queries = [self.tokenizer.decode(t[-self.query_tokens:], skip_special_tokens=True)
-                   for t in tokens]
-        excl = None if exclude_doc_ids is None else [list(exclude_doc_ids)] * len(tokens)
+    def _retrieve(self, seqs: list[SequenceState], generated: int, timing: Timing,
+                  exclude_doc_ids) -> list[list[int]]:
+        """One search per sequence (the last ``query_tokens`` tokens as the query); returns each
+        one's ``E`` and logs the retrieval of the active ones."""
+        t0 = time.perf_counter()
+        queries = [self.tokenizer.decode(s.tokens[-self.query_tokens:], skip_special_tokens=True)
+                   for s in seqs]
+        excl = None if exclude_doc_ids is None else [list(exclude_doc_ids)] * len(seqs)
         hits = self.retriever.search_batch(queries, self.k, exclude_doc_ids=excl)
-        blocks = []
-        for b, h in enumerate(hits):
-            blocks.append(self.passage_block(h))
-            if active[b]:
-                logs[b].append(RetrievalRecord(generated, queries[b], [x.passage.id for x in h],
-                                               [x.passage.title for x in h], [x.score for x in h]))
-        return blocks
+        passages = []
+        for s, query, h in zip(seqs, queries, hits):
+            passages.append(self.passage_block(h))
+            if s.active:
+                s.retrievals.append(RetrievalRecord(generated, query, [x.passage.id for x in h],
+                                                    [x.passage.title for x in h],
+                                                    [x.score for x in h]))
+        timing.retrieval_s += time.perf_counter() - t0
+        timing.retrievals += 1
+        return passages
+
+    def _step(self, step: Step, seqs: list[SequenceState], cache: FlashBackCache,
+              decoder: Optional[DecodeGraph], timing: Timing,
+              trace: bool) -> list[Optional[torch.Tensor]]:
+        """Run one :class:`Step` on the cache, keep every sequence's view of it in step and time
+        it; next-token logits per sequence (None where its block was empty)."""
+        if step.rollback is not None:
+            cache.rollback(step.rollback)
+            for s, n in zip(seqs, step.rollback):
+                s.rolled_back(n)
+        t0 = time.perf_counter()
+        if step.reset:
+            cache.reset()
+        shifts = [s.shift for s in seqs]
+        rope = step.rope
+        explicit = rope is not None or any(shifts)
+        if rope is None and (explicit or trace):  # else the cache's slots, nothing to build
+            rope = [[slot - s.shift + i for i in range(len(block))]
+                    for slot, s, block in zip(cache.next_positions(), seqs, step.blocks)]
+        for b, (s, block) in enumerate(zip(seqs, step.blocks)):
+            s.wrote(block, rope[b] if trace else None, step.reset)
+        counts = [len(block) for block in step.blocks]
+        if step.kind == "block":
+            timing.block_tokens += sum(counts)
+        if step.kind == "decode" and decoder is not None and decoder.fits(counts):
+            out = decoder.step([block[0] if block else None for block in step.blocks],
+                               shifts if any(shifts) else None)
+            logits = [out[b] if counts[b] else None for b in range(len(seqs))]
+            timing.graph_steps += 1
+        else:
+            logits = self._forward(cache, step.blocks, rope if explicit else None)
+        if self.device.type == "cuda":  # the sampler waits for the logits anyway: time them
+            torch.cuda.synchronize(self.device)
+        setattr(timing, f"{step.kind}_s", getattr(timing, f"{step.kind}_s") + time.perf_counter() - t0)
+        if step.kind == "decode":
+            timing.decode_steps += 1
+        return logits
 
     @torch.no_grad()
     def _forward(self, cache: FlashBackCache, blocks: list[list[int]],
@@ -265,64 +247,22 @@ class RALMGenerator:
             return (head.weight @ last.T).T
         return head(last)
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
-                top_p: float, gen: Optional[torch.Generator]) -> int:
-        if not do_sample:
-            return int(torch.argmax(logits))
-        logits = logits / max(temperature, 1e-5)
-        if top_k > 0:
-            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-            keep[0] = True  # the most likely token always survives (also for top_p <= 0)
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs.cpu(), 1, generator=gen))
-
-    def _before_positions(self, start: int, n_context: int, n_e: int) -> tuple[list[int], int]:
-        """``passage_positions="before"``: rotary positions of a ``[n_context context tokens | E]``
-        block whose first token takes cache slot ``start`` (``E`` = ``<MARK_L> e <MARK_R>``, ``n_e``
-        tokens), and the shift (slot - rotary position) of every token after it. ``<MARK_L> e``
-        sit just before the context's first token (position 0), ``<MARK_R>`` right after its
-        last, as in :func:`data.layout_positions`."""
-        end = start + n_context  # the context's length: <MARK_R>'s rotary position
-        return list(range(start, end)) + list(range(-(n_e - 1), 0)) + [end], n_e - 1
-
-    @staticmethod
-    def _held(cache: FlashBackCache, b: int, items: list) -> list:
-        """The entries of a per-token list (the tokens written since the reset and not rolled
-        back, in cache order) that sequence ``b``'s cache still holds: eviction drops the oldest
-        non-sink ones."""
-        sink = cache.ring.sink
-        return items[:sink] + items[sink + cache.ring.evicted(b):]
-
-    def _echo(self, context: Sequence[int]) -> list[int]:
-        """The context's last ``echo_tokens`` tokens, repeated after the passage."""
-        return list(context[-self.echo_tokens:]) if self.echo_tokens else []
-
     @torch.no_grad()
     def score(self, src: Sequence[int], passage: Sequence[int], tgt: Sequence[int],
               exclude_ids: Sequence[int] = ()) -> list[float]:
         """Log-probabilities of ``tgt`` after ``src | E`` computed the append-mode way: prefill,
         one ``[last stride of src | E | echo]`` block, then teacher-forced one-token steps on the
-        cache.
-        ``exclude_ids`` (the markers) are left out of the softmax."""
+        cache. ``exclude_ids`` (the markers) are left out of the softmax."""
         if not src or not tgt:
             raise ValueError("score needs a non-empty src and tgt")
-        e = [self.markers[0], *passage, self.markers[1]] if self.markers else list(passage)
-        e += self._echo(src)
-        cache = FlashBackCache.for_model(self.model, 1, len(src) + len(e) + len(tgt) + 1)
-        split = len(src) - min(self.stride, len(src))
-        if split > 0:
-            self._forward(cache, [list(src[:split])])
-        rope, shift = None, 0
-        if self.passage_positions == "before":
-            pos, shift = self._before_positions(max(split, 0), len(src) - max(split, 0), len(e))
-            rope = [pos]
-        logits = self._forward(cache, [list(src[split:]) + e], rope)[0]
+        # the append layout whatever the engine's mode (an evaluator may score with any engine)
+        layout = Layout("append", self.markers, self.echo_tokens, self.passage_positions)
+        e = layout.marked(passage)
+        cache = FlashBackCache.for_model(self.model, 1, len(src) + len(e) + self.echo_tokens
+                                         + len(tgt) + 1)
+        seq, timing = SequenceState(list(src), len(src)), Timing()
+        for step in AppendBlocks(layout, self.stride).prompt([seq], [e]):
+            logits = self._step(step, [seq], cache, None, timing, False)[0]
         logps = []
         for i, tok in enumerate(tgt):
             if exclude_ids:
@@ -330,8 +270,8 @@ class RALMGenerator:
                 logits[list(exclude_ids)] = float("-inf")
             logps.append(float(torch.log_softmax(logits.float(), -1)[tok]))
             if i + 1 < len(tgt):
-                rope = [[cache.next_positions()[0] - shift]] if shift else None
-                logits = self._forward(cache, [[int(tok)]], rope)[0]
+                logits = self._step(Step("decode", [[int(tok)]]), [seq], cache, None, timing,
+                                    False)[0]
         return logps
 
     # ----------------------------------------------------------------------------- generate
@@ -393,134 +333,36 @@ class RALMGenerator:
 
     def _run(self, tokens, max_new, do_sample, temperature, top_k, top_p, seed, stop_on_eos,
              stream, exclude_doc_ids, trace) -> list[GenerationResult]:
-        start_all = time.perf_counter()
-        batch = len(tokens)
-        prompt_lens = [len(t) for t in tokens]
-        cache, decoder = self._cache_for(batch, self._capacity(tokens, max_new))
+        start = time.perf_counter()
+        cache, decoder = self._cache_for(len(tokens), self._capacity(tokens, max_new))
+        seqs = [SequenceState(list(t), len(t)) for t in tokens]
         timing = Timing()
-        logs: list[list[RetrievalRecord]] = [[] for _ in range(batch)]
-        traces: list[list] = [[] for _ in range(batch)]
-        trace_positions: list[list[list[int]]] = [[] for _ in range(batch)]
-        views: list[list[int]] = [[] for _ in range(batch)]  # what each cache holds, in order
-        rope_views: list[list[int]] = [[] for _ in range(batch)]  # and at which positions (trace)
-        # slot - rotary position of the tokens after <MARK_R> (passage_positions "before"; else 0)
-        shift = [0] * batch
-        active = [True] * batch
-        finish = ["length"] * batch
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        ctx = [0] * batch  # end (absolute position) of the committed context, append mode
+        sampler = Sampler(do_sample, temperature, top_k, top_p, seed, banned=self.markers or ())
 
-        def run_block(blocks: list[list[int]], reset: bool, kind: str = "block",
-                      rope: Optional[list[list[int]]] = None) -> list:
-            """Forward ragged blocks, keep ``views`` in step, time it as prefill/block/decode.
-            ``rope``: rotary positions of the block tokens (default: slot - ``shift``)."""
-            t0 = time.perf_counter()
-            if reset:
-                cache.reset()
-            explicit = rope is not None or any(shift)
-            if rope is None and (explicit or trace):  # else the cache's slots, nothing to build
-                rope = [[s - shift[b] + i for i in range(len(block))]
-                        for b, (s, block) in enumerate(zip(cache.next_positions(), blocks))]
-            for b, block in enumerate(blocks):
-                views[b] = ([] if reset else views[b]) + block
-                if trace:  # the positions are kept for the trace only
-                    rope_views[b] = ([] if reset else rope_views[b]) + rope[b]
-            counts = [len(block) for block in blocks]
-            if kind == "block":
-                timing.block_tokens += sum(counts)
-            if kind == "decode" and decoder is not None and decoder.fits(counts):
-                out = decoder.step([block[0] if block else None for block in blocks],
-                                   shift if any(shift) else None)
-                logits = [out[b] if counts[b] else None for b in range(batch)]
-                timing.graph_steps += 1
-            else:
-                logits = self._forward(cache, blocks, rope if explicit else None)
-            if self.device.type == "cuda":  # the sampler waits for the logits anyway: time them
-                torch.cuda.synchronize(self.device)
-            setattr(timing, f"{kind}_s", getattr(timing, f"{kind}_s") + time.perf_counter() - t0)
-            return logits
+        def forward(step: Step) -> list[Optional[torch.Tensor]]:
+            return self._step(step, seqs, cache, decoder, timing, trace)
 
-        def append_block(passages: list[list[int]]) -> list:
-            """``[tokens since ctx | E | echo]`` for every active sequence, whose cache ends at
-            ``ctx``; with passage_positions "before", at the rotary positions it needs."""
-            blocks = [tokens[b][ctx[b]:] + passages[b] + self._echo(tokens[b]) if active[b] else []
-                      for b in range(batch)]
-            rope = None
-            if self.passage_positions == "before":
-                rope = []
-                for b in range(batch):
-                    pos: list[int] = []
-                    if active[b]:
-                        pos, shift[b] = self._before_positions(ctx[b], len(tokens[b]) - ctx[b],
-                                                               len(passages[b]))
-                    rope.append(pos)
-            return run_block(blocks, reset=False, rope=rope)
-
-        def retrieval_blocks(generated: int) -> list[list[int]]:
-            t0 = time.perf_counter()
-            blocks = self._retrieve(tokens, active, generated, logs, exclude_doc_ids)
-            timing.retrieval_s += time.perf_counter() - t0
-            timing.retrievals += 1
-            return blocks
-
-        # first forward: the prompt (with the first retrieval unless mode == "none")
-        if self.mode == "none":
-            logits = run_block([list(t) for t in tokens], reset=True, kind="prefill")
-        elif self.mode == "prepend":
-            passages = retrieval_blocks(0)
-            logits = run_block([p + t for p, t in zip(passages, tokens)], reset=True)
-        else:  # append: prefill all but the last stride, then [last stride | E] as one block
-            ctx = [max(0, n - self.stride) for n in prompt_lens]
-            run_block([t[:c] for t, c in zip(tokens, ctx)], reset=True, kind="prefill")
-            logits = append_block(retrieval_blocks(0))
-            ctx = prompt_lens[:]
-        pending: list[Optional[int]] = [None] * batch  # sampled, not yet forwarded
-
-        for step in range(max_new):
-            for b in range(batch):
-                if not active[b]:
+        passages = self._retrieve(seqs, 0, timing, exclude_doc_ids) if self.blocks.retrieves else None
+        for step in self.blocks.prompt(seqs, passages):
+            logits = forward(step)
+        for generated in range(1, max_new + 1):
+            for b, s in enumerate(seqs):
+                if not s.active:
                     continue
-                row = logits[b]
-                if self.markers:  # markers are layout, never text: never generate one
-                    row = row.clone()
-                    row[list(self.markers)] = float("-inf")
-                tok = self._sample(row, do_sample, temperature, top_k, top_p, gen)
-                if trace:  # what the cache holds: evicted tokens left the view
-                    traces[b].append((self._held(cache, b, views[b]), logits[b].detach().cpu()))
-                    trace_positions[b].append(self._held(cache, b, rope_views[b]))
-                tokens[b].append(tok)
-                pending[b] = tok
+                tok = sampler(logits[b])
+                if trace:
+                    s.record(logits[b], cache.ring.sink, cache.ring.evicted(b))
+                s.tokens.append(tok)
                 if stream is not None:
                     stream(b, tok, self.tokenizer.decode([tok]))
                 if stop_on_eos and tok in self.eos_ids:
-                    active[b], finish[b], pending[b] = False, "eos", None
-            if not any(active) or step == max_new - 1:
+                    s.active, s.finish_reason = False, "eos"
+            if not any(s.active for s in seqs) or generated == max_new:
                 break
-            generated = step + 1
-            if self.mode != "none" and generated % self.stride == 0:
-                passages = retrieval_blocks(generated)
-                if self.mode == "prepend":
-                    blocks = [p + t if active[b] else [] for b, (p, t) in enumerate(zip(passages, tokens))]
-                    logits = run_block(blocks, reset=True)
-                else:
-                    # roll back to the end of the previous context, then [new tokens | E_new | echo]
-                    back = [pos - c for pos, c in zip(cache.next_positions(), ctx)]
-                    cache.rollback(back)
-                    for b in range(batch):
-                        views[b] = views[b][: len(views[b]) - back[b]]
-                        rope_views[b] = rope_views[b][: len(rope_views[b]) - back[b]]
-                    logits = append_block(passages)
-                    ctx = [len(t) if active[b] else ctx[b] for b, t in enumerate(tokens)]
+            if self.blocks.retrieves and generated % self.stride == 0:
+                passages = self._retrieve(seqs, generated, timing, exclude_doc_ids)
+                logits = forward(self.blocks.retrieval(seqs, passages, cache.next_positions()))
             else:
-                blocks = [[pending[b]] if active[b] else [] for b in range(batch)]
-                logits = run_block(blocks, reset=False, kind="decode")
-                timing.decode_steps += 1
-            pending = [None] * batch
-        timing.total_s = time.perf_counter() - start_all
-        results = []
-        for b in range(batch):
-            new = tokens[b][prompt_lens[b]:]
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            results.append(GenerationResult(text, new, prompt_lens[b], logs[b], timing, finish[b],
-                                            traces[b], trace_positions[b]))
-        return results
+                logits = forward(Step("decode", [[s.tokens[-1]] if s.active else [] for s in seqs]))
+        timing.total_s = time.perf_counter() - start
+        return [s.result(self.tokenizer, timing) for s in seqs]

@@ -8,38 +8,31 @@ The official code unfroze "the last two embedding rows", which for OPT are not t
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from .data import (Collator, Example, LAYOUTS, check_attention_for_positions, check_echo,
-                   check_passage_positions, target_nll)
-from .distill import (DistillCollator, DistillDataset, TEACHER_FILE, load_teacher_targets,
-                      soft_target_nll)
-from .marking import add_marking_tokens, marker_ids
+from ..layout import Layout, check_attention_for_positions
+from ..marking import add_marking_tokens, marker_ids
+from .adapter_io import RUN_FILE, AdapterError, base_signature, check_adapter_layout, load_adapter, quiet_peft
+from .batches import Collator, target_nll
+from .distill import DistillCollator, DistillDataset, TEACHER_FILE, load_teacher_targets, soft_target_nll
+from .examples import Example
 
-__all__ = ["TrainSettings", "train_adapter", "check_distill", "load_adapter",
-           "check_adapter_layout", "run_info", "AdapterError", "RUN_FILE"]
+__all__ = ["TrainSettings", "train_adapter", "check_distill"]
 
 logger = logging.getLogger(__name__)
-RUN_FILE = "flashback_run.json"
 # the held-out learning curve (--eval-every), next to the checkpoints so that --resume finds it
 CURVE_FILE = "held_out_curve.json"
 # peft names the trainable marker rows of the embedding with this (TrainableTokensLayer)
 MARKER_PARAM = "trainable_tokens_delta"
-
-
-class AdapterError(ValueError):
-    """A missing adapter, or one trained for another base model."""
 
 
 @dataclass
@@ -90,14 +83,6 @@ def check_distill(settings: "TrainSettings") -> None:
         raise ValueError(f"distill_top_k must be >= 1, got {settings.distill_top_k}")
 
 
-def _base_signature(model) -> dict:
-    cfg = model.config
-    return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
-            "num_hidden_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads,
-            "name_or_path": str(getattr(cfg, "_name_or_path", ""))}
-
-
 def _lora_model(model, tokenizer, settings: TrainSettings):
     from peft import LoraConfig, get_peft_model
 
@@ -110,21 +95,8 @@ def _lora_model(model, tokenizer, settings: TrainSettings):
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
                         lora_dropout=settings.lora_dropout, target_modules=settings.target_modules,
                         task_type="CAUSAL_LM", **kwargs)
-    with _quiet_peft():
+    with quiet_peft():
         return get_peft_model(model, config)
-
-
-@contextlib.contextmanager
-def _quiet_peft():
-    """Two warnings peft raises on every load that tell users nothing they can act on: that
-    ``ensure_weight_tying`` found no tied module among the LoRA targets (it does tie the marker
-    rows it trains: test_warm_start_with_tied_embeddings_trains_one_shared_marker_row), and
-    transformers' deprecation of ``is_gradient_checkpointing``, which peft still calls."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*requested `ensure_weight_tying`, but no tied modules are added")
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
-        yield
 
 
 def _trainer_class():
@@ -287,21 +259,19 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     from transformers.trainer_utils import get_last_checkpoint
 
     settings = settings or TrainSettings()
-    if settings.layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {settings.layout!r}")
     if not train_examples:
         raise ValueError("no training examples")
     if settings.eval_every < 0:
         raise ValueError(f"eval_every must be >= 0, got {settings.eval_every}")
-    check_echo(settings.layout, settings.echo_tokens)
-    check_passage_positions(settings.layout, settings.markers, settings.passage_positions,
-                            settings.echo_tokens)
+    # the markers' ids do not exist yet: any pair stands for "with markers"
+    Layout(settings.layout, (0, 1) if settings.markers else None, settings.echo_tokens,
+           settings.passage_positions)
     check_attention_for_positions(model, settings.passage_positions)
     check_distill(settings)
     if settings.eval_every and not eval_examples:
         raise ValueError("eval_every needs held-out examples (eval_examples)")
     out = Path(output_dir)
-    signature = _base_signature(model)
+    signature = base_signature(model)
     teacher, teacher_s = None, 0.0
     if settings.distill_from is not None:  # on the bare base model, before the student's adapter
         teacher_s = time.perf_counter()
@@ -390,64 +360,3 @@ def _read_curve(folder: Path) -> list:
     except (json.JSONDecodeError, AttributeError, TypeError):
         logger.warning("ignoring the unreadable held-out curve %s", path)
         return []
-
-
-def run_info(folder) -> dict:
-    """The adapter folder's ``flashback_run.json`` (settings, base model, example spec, curve),
-    checked for the fields loading relies on."""
-    folder = Path(folder).expanduser()
-    run_file = folder / RUN_FILE
-    if not run_file.exists() or not (folder / "adapter_config.json").exists():
-        raise AdapterError(f"no FlashBack adapter at {folder} ({RUN_FILE} or adapter_config.json "
-                           f"missing)")
-    try:
-        info = json.loads(run_file.read_text())
-        info["settings"]["layout"], info["settings"]["markers"], info["base"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise AdapterError(f"corrupt adapter folder {folder}: {RUN_FILE} unreadable ({exc})") from None
-    return info
-
-
-def check_adapter_layout(adapter_dir, layout: str, markers: bool, user: str) -> dict:
-    """Raise :class:`AdapterError` unless the adapter was trained with ``layout`` and ``markers``
-    (``user`` names who needs them in the message); returns its run info."""
-    info = run_info(adapter_dir)
-    trained = (info["settings"]["layout"], bool(info["settings"]["markers"]))
-    if trained != (layout, markers):
-        raise AdapterError(f"adapter {adapter_dir} was trained with layout {trained[0]!r}, "
-                           f"markers {trained[1]}; {user} needs {layout!r}, markers {markers}")
-    return info
-
-
-def load_adapter(model, adapter_dir, tokenizer=None, merge: bool = False, trainable: bool = False):
-    """Load a FlashBack adapter onto ``model``; returns ``(peft_model, tokenizer)``.
-
-    The adapter folder's tokenizer (which has the markers) replaces ``tokenizer``; the model's
-    embeddings grow to match. ``merge=True`` folds the LoRA weights and marker rows into the
-    base weights (a plain model again: faster inference, no peft wrapper); ``trainable=True``
-    returns it in train mode with the LoRA weights and marker rows trainable. Raises
-    :class:`AdapterError` for a missing folder or an adapter trained on a different base model.
-    """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    if merge and trainable:
-        raise ValueError("merge=True folds the adapter away; it cannot also stay trainable")
-    folder = Path(adapter_dir).expanduser()
-    info = run_info(folder)
-    mine = _base_signature(model)
-    theirs = info.get("base", {})
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if theirs.get(key) != mine[key]:
-            raise AdapterError(f"adapter {folder} was trained for another model: {key} "
-                               f"{theirs.get(key)} != {mine[key]}")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if info["settings"].get("markers"):
-        add_marking_tokens(model, tokenizer)
-    with _quiet_peft():
-        peft_model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
-    if trainable:
-        return peft_model.train(), tokenizer
-    if merge:
-        return peft_model.merge_and_unload().eval(), tokenizer
-    return peft_model.eval(), tokenizer

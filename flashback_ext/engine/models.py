@@ -17,12 +17,16 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "load_model", "default_model_path", "tiny_llama",
-           "default_adapter_path", "align_special_tokens"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "cache_dir", "load_model", "model_folder",
+           "default_model_path", "tiny_llama", "default_adapter_path", "align_special_tokens"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
+# the embedded model's public name: adapters trained on it name it so (peft's
+# base_model_name_or_path), and load_model("HuggingFaceTB/SmolLM2-135M-Instruct") finds the
+# embedded weights instead of downloading
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_NAME = "SmolLM2-135M-Instruct"
 
@@ -117,13 +121,27 @@ def align_special_tokens(tokenizer, model, gguf_file: Union[str, Path]) -> dict[
     return found
 
 
+def model_folder(name_or_path: Union[str, Path]) -> Path:
+    """The local folder of a model: the converted embedded one for ``"default"`` or its public
+    id, else ``name_or_path`` itself, which must hold a Hugging Face ``config.json``."""
+    if str(name_or_path) in (DEFAULT_MODEL, DEFAULT_MODEL_ID):
+        return default_model_path()
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no Hugging Face model folder at {path} (config.json missing); "
+                                f"use 'default' for the embedded SmolLM2-135M")
+    return path
+
+
 def load_model(
     name_or_path: Union[str, Path] = DEFAULT_MODEL,
     *,
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
 ):
-    """Load ``(model, tokenizer)``: ``"default"`` (embedded SmolLM2-135M) or a local HF folder.
+    """Load ``(model, tokenizer)``: ``"default"`` or ``"HuggingFaceTB/SmolLM2-135M-Instruct"``
+    (the embedded SmolLM2-135M, which then carries that public id as its name), or a local HF
+    folder.
 
     ``dtype`` defaults to bf16 on CUDA and fp32 on CPU; ``device`` to CUDA when available.
     Nothing is downloaded: an unknown path raises ``FileNotFoundError``.
@@ -131,23 +149,21 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if str(name_or_path) == DEFAULT_MODEL:
-        path = default_model_path()
-    else:
-        path = Path(name_or_path).expanduser()
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"no Hugging Face model folder at {path} (config.json missing); "
-                                    f"use 'default' for the embedded SmolLM2-135M")
+    path = model_folder(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if str(name_or_path) in (DEFAULT_MODEL, DEFAULT_MODEL_ID):
+        # the name peft writes into adapters (base_model_name_or_path): the public one, not
+        # this machine's cache folder
+        model.config._name_or_path = DEFAULT_MODEL_ID
     return model, tokenizer
 
 
 def default_adapter_path() -> Optional[Path]:
     """The FlashBack adapter (LoRA + marker rows) shipped for the default model, if present."""
-    folder = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-flashback"
+    folder = Path(__file__).resolve().parent.parent / "adapters" / "smollm2-135m-flashback"
     return folder if (folder / "adapter_config.json").exists() else None
 
 

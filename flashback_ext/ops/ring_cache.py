@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import ops
+from .. import ops
 
 __all__ = ["RingKVCache", "CacheOverflowError"]
 

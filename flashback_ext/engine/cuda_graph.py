@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import ops
+from .. import ops
 from .hf import FlashBackCache
 
 __all__ = ["DecodeGraph", "capture_blocker"]

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .cache import RingKVCache
+from ..ops.ring_cache import RingKVCache
 
 __all__ = ["FlashBackCache", "patch_model", "unpatch_model", "is_patched", "SUPPORTED_ATTENTION",
            "cache_kwarg_name"]

@@ -27,7 +27,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Collator, Example, exclude_logits, forward_batch
+from .batches import Collator, exclude_logits, forward_batch
+from .examples import Example
 
 __all__ = ["TeacherTargets", "teacher_targets", "soft_target_nll", "load_teacher_targets",
            "DistillDataset", "DistillCollator", "examples_digest", "TEACHER_FILE"]
@@ -97,7 +98,7 @@ def teacher_targets(teacher, tokenizer, examples: Sequence[Example], layout: str
 
 
 def _plain_vocab(tokenizer) -> dict:
-    from .marking import marker_ids
+    from ..marking import marker_ids
 
     drop = set(marker_ids(tokenizer) or ())
     return {tok: i for tok, i in tokenizer.get_vocab().items() if i not in drop}
@@ -114,7 +115,7 @@ def load_teacher_targets(model, examples: Sequence[Example], teacher_dir, top_k:
     vocabulary (markers aside) differs from ``student_tokenizer``'s."""
     from transformers import AutoTokenizer
 
-    from .train import AdapterError, load_adapter, run_info
+    from .adapter_io import AdapterError, load_adapter, run_info
 
     folder = Path(teacher_dir).expanduser()
     info = run_info(folder)
@@ -145,7 +146,7 @@ def load_teacher_targets(model, examples: Sequence[Example], teacher_dir, top_k:
             logger.warning("ignoring the unreadable teacher cache %s (%s)", cache_file, exc)
     # the teacher gets its own copy: peft attaches its adapter to the model in place
     teacher, teacher_tok = load_adapter(copy.deepcopy(model), folder)
-    from .marking import marker_ids
+    from ..marking import marker_ids
 
     markers = marker_ids(teacher_tok) if key["markers"] else None
     targets = teacher_targets(teacher, teacher_tok, examples, key["layout"], markers,

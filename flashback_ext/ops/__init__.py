@@ -25,7 +25,7 @@ __all__ = ["append_attention", "kv_append", "has_cuda_ops", "has_cpu_ops", "comp
 logger = logging.getLogger(__name__)
 
 try:  # the compiled extension registers torch.ops.flashback.*
-    from . import _C  # noqa: F401
+    from .. import _C  # noqa: F401
 
     _EXTENSION_ERROR: Optional[BaseException] = None
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs

@@ -8,18 +8,21 @@ must agree with :func:`perplexity`; a test proves it.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import (Collator, Example, check_attention_for_positions, forward_batch,
-                   target_token_nll)
-from .marking import marker_ids
+from ..layout import check_attention_for_positions
+from ..marking import marker_ids
+from .adapter_io import check_adapter_layout, load_adapter
+from .batches import Collator, forward_batch, target_token_nll
+from .examples import Example
 
 __all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "TABLE_ROWS", "markdown_table",
-           "position_table", "ratio_interval"]
+           "position_table", "ratio_interval", "score_table", "append_over_prepend"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,8 @@ def perplexity(model, tokenizer, examples: Sequence[Example], layout: str, marke
                batch_size: int = 8, progress: bool = True, echo: int = 0,
                passage_positions: str = "after") -> dict:
     """Teacher-forced perplexity of the examples' targets in one layout (``echo``: the context
-    echo of :func:`data.layout_tokens`, append only; ``passage_positions``: see
-    :func:`data.layout_positions`)."""
+    echo of :func:`flashback_ext.layout.layout_tokens`, append only; ``passage_positions``: see
+    :func:`flashback_ext.layout.layout_positions`)."""
     ids = marker_ids(tokenizer)
     if markers and ids is None:
         raise ValueError("markers=True but the tokenizer has no marking tokens")
@@ -164,3 +167,50 @@ def position_table(rows: list[dict], head: int = 4) -> str:
             cells.append(f"{sum(rest) / len(rest):.3f}" if rest else "—")
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def score_table(model, tokenizer, fresh_model: Callable[[], object], examples: Sequence[Example],
+                adapters: dict[str, str], wanted: Sequence[str], batch_size: int = 8,
+                report: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """Score the ``wanted`` rows of :data:`TABLE_ROWS` that ``adapters`` (adapter key -> folder)
+    allow: the base ``model`` for the rows without an adapter, each adapter on a
+    ``fresh_model()`` in the layout it was trained with (its echo and passage positions are part
+    of it). Raises :class:`~.adapter_io.AdapterError` for an adapter of another row's layout.
+    ``report`` gets one line per scored row."""
+    rows = []
+    for setting in TABLE_ROWS:
+        if setting.name not in wanted:
+            continue
+        if setting.adapter is not None and setting.adapter not in adapters:
+            continue
+        echo, positions = 0, "after"
+        if setting.adapter is None:
+            m, tok = model, tokenizer
+        else:
+            info = check_adapter_layout(adapters[setting.adapter], setting.layout,
+                                        setting.markers, f"row {setting.name}")
+            m, tok = load_adapter(fresh_model(), adapters[setting.adapter], tokenizer)
+            echo = int(info["settings"].get("echo_tokens", 0))
+            positions = info["settings"].get("passage_positions", "after")
+        t0 = time.perf_counter()
+        result = perplexity(m, tok, examples, setting.layout, setting.markers,
+                            batch_size=batch_size, echo=echo, passage_positions=positions)
+        rows.append({"name": setting.name, "layout": setting.layout, "adapter": setting.adapter,
+                     "markers": setting.markers, "echo_tokens": echo,
+                     "passage_positions": positions, **result,
+                     "seconds": time.perf_counter() - t0})
+        if report is not None:
+            report(f"{setting.name:<14} ppl {result['ppl']:.3f} ({result['tokens']} target tokens)")
+    return rows
+
+
+def append_over_prepend(rows: Sequence[dict]) -> Optional[dict]:
+    """The paper's comparison, A.+LoRA+M.T. / P.+LoRA with its 95% paired interval, when both
+    rows were scored (else None)."""
+    by_name = {r["name"]: r for r in rows}
+    if "A.+LoRA+M.T." not in by_name or "P.+LoRA" not in by_name:
+        return None
+    ratio, low, high = ratio_interval(by_name["A.+LoRA+M.T."], by_name["P.+LoRA"])
+    return {"ratio": ratio, "low": low, "high": high, "level": 0.95,
+            "echo_tokens": by_name["A.+LoRA+M.T."]["echo_tokens"],
+            "passage_positions": by_name["A.+LoRA+M.T."]["passage_positions"]}
