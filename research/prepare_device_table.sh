@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Prepare .gpu/ for bench/device_table.sh, on this (CPU) machine: the GPU box has no network, no
+# Prepare .gpu/ for research/device_table.sh, on this (CPU) machine: the GPU box has no network, no
 # gguf/bm25s and no corpus, and one device call carries at most 64 MiB with the repo (~11 MB), so
 #   .gpu/a/model.part_aa           first 50 MB of the embedded GGUF (carry in call 1)
 #   .gpu/b/model.part_ab           the rest                          (carry in call 2, with:)
 #   .gpu/b/examples.tar.xz         `flashback examples` output (train 37,751 / held-out 200; ~1.7 MB)
 #   .gpu/b/whl/gguf-*.whl          pure-Python gguf for Python 3.12, to convert the GGUF there
 # Then: run(carry=[".gpu/a"], "mkdir -p /tmp/fb_parts && cp .gpu/a/model.part_aa /tmp/fb_parts/")
-# and at once (a machine stays warm 30 s) run(carry=[".gpu/b"], "STEPS=... bash bench/device_table.sh").
+# and at once (a machine stays warm 30 s) run(carry=[".gpu/b"], "STEPS=... bash research/device_table.sh").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
@@ -18,7 +18,7 @@ mv .gpu/model.part_aa .gpu/a/ && mv .gpu/model.part_ab .gpu/b/
   --implementation cp --platform manylinux2014_x86_64 -d .gpu/b/whl \
   "gguf==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
 EX="$(mktemp -d)"
-# the settings of docs/RESULTS.md runs 2-5 (same 200 held-out examples), two target phases;
+# the settings of research/HISTORY.md runs 2-5 (same 200 held-out examples), two target phases;
 # EXAMPLE_FLAGS adds training-side options (e.g. "--train-min-passage-tokens 16"), which leave
 # the held-out examples as they are
 for flag in ${EXAMPLE_FLAGS:-}; do  # an option that changes the held-out examples would break the table

@@ -5,7 +5,7 @@
 # the extension and runs the CUDA tests (bench/device.sh without the benchmarks, which would
 # share the GPU with training).
 #
-# What it reads (the GPU box has no network, no gguf, bm25s or corpus; docs/RESULTS.md):
+# What it reads (the GPU box has no network, no gguf, bm25s or corpus; research/HISTORY.md, run 5):
 #   .gpu/a/model.part_aa, .gpu/b/model.part_ab  the embedded GGUF cut in two (64 MiB per call):
 #     a first call carries .gpu/a (and copies it to /tmp/fb_parts), the second .gpu/b
 #   .gpu/b/examples.tar.xz                       `flashback examples --out` (spec/train/eval.json)
@@ -33,13 +33,13 @@ cd "$(dirname "$0")/.."
 if [ -n "${EVAL_EVERY:-}" ] && [ -z "${STEPS:-}" ]; then  # before any device time is spent
   echo "EVAL_EVERY needs STEPS (the probe does not time the scoring)"; exit 2
 fi
-OUT="${OUT:-bench/results/tmp/device_table}"
+OUT="${OUT:-research/results/tmp/device_table}"
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
 TRAIN_S="${TRAIN_S:-300}" BATCH="${BATCH:-32}" LR="${LR:-1e-3}" PROBE_STEPS="${PROBE_STEPS:-30}"
 WORK="${WORK:-/tmp/fb_table}"
 SITE="$WORK/site" RUNS="$WORK/runs" EXAMPLES="$WORK/examples"
-EXPECTED_CHECKSUM="-10067.611954 18618625.800991 134515008"  # bench/model_checksum.py, here
+EXPECTED_CHECKSUM="-10067.611954 18618625.800991 134515008"  # research/model_checksum.py, here
 mkdir -p "$OUT" "$SITE" "$RUNS" "$EXAMPLES" "$WORK/logs"
 OUT="$(realpath "$OUT")"  # absolute: the CUDA job runs from a copy of the repo
 export FLASHBACK_CACHE="$WORK/cache" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -74,7 +74,7 @@ if [ "${SKIP_CUDA_TESTS:-0}" != 1 ]; then
 fi
 
 step "convert the GGUF and check it against the CPU machine's conversion"
-"$PY" bench/model_checksum.py "$EXPECTED_CHECKSUM" || exit 1
+"$PY" research/model_checksum.py "$EXPECTED_CHECKSUM" || exit 1
 
 # one recipe for every adapter; two marker rates for the append+markers row (both reported)
 RECIPES=("append_markers:--layout append --markers --marker-lr 1e-2"
@@ -184,7 +184,7 @@ if [ -f "$WORK/logs/held_out_curve_prepend.json" ]; then
   for curve in "$WORK"/logs/held_out_curve_append_markers*.json; do
     [ -f "$curve" ] || continue
     name="$(basename "$curve" .json)"; name="${name#held_out_curve_}"
-    "$PY" bench/curves.py "$name=$curve" prepend="$WORK/logs/held_out_curve_prepend.json" \
+    "$PY" research/curves.py "$name=$curve" prepend="$WORK/logs/held_out_curve_prepend.json" \
       --ratio "$name/prepend"
   done
 fi

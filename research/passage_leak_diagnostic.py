@@ -10,12 +10,12 @@ rescores exported held-out examples with the passage swapped for the top BM25 hi
 query with no exclusion at all ("unfiltered"; everything else unchanged), and reports how often
 that passage comes from the same document or contains the target, and what it does to the rows:
 
-    python bench/passage_leak_diagnostic.py --examples DIR [--prepend DIR] [--append-markers DIR]
+    python research/passage_leak_diagnostic.py --examples DIR [--prepend DIR] [--append-markers DIR]
 
 ``DIR`` is an examples folder (``flashback examples --out``). The leak-controlled passages are
 first re-retrieved the way the examples were built; unless all of them come back, the corpus or
 retriever here is not the one that built them and the script stops. Writes JSON (``--out``,
-default ``bench/results/passage_leak_diagnostic.json``).
+default ``research/results/passage_leak_diagnostic.json``).
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def swap_passages(evals, spec, tokenizer, progress=True):
     """``(unfiltered, stats)``: the examples with the top unfiltered hit as their passage."""
-    from flashback_ext.data import HITS_PER_TARGET, LEAK_NGRAM, passage_leaks
-    from flashback_ext.experiment import example_retriever, load_documents
+    from flashback_ext.pipeline.examples import HITS_PER_TARGET, LEAK_NGRAM, passage_leaks
+    from flashback_ext.pipeline.experiment import example_retriever, load_documents
 
     short = [i for i, ex in enumerate(evals) if len(ex.src) < spec.query_tokens]
     if short:
@@ -68,10 +68,10 @@ def swap_passages(evals, spec, tokenizer, progress=True):
 
 
 def main(argv=None) -> int:
-    from flashback_ext.evaluate import perplexity, ratio_interval
-    from flashback_ext.experiment import load_exported_examples
-    from flashback_ext.models import load_model
-    from flashback_ext.train import load_adapter, run_info
+    from flashback_ext.pipeline.evaluate import perplexity, ratio_interval
+    from flashback_ext.pipeline.experiment import load_exported_examples
+    from flashback_ext.engine.models import load_model
+    from flashback_ext.pipeline.adapter_io import load_adapter, run_info
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--examples", required=True, help="examples folder (flashback examples --out)")

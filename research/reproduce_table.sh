@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduce the shape of the FlashBack paper's perplexity table on the embedded SmolLM2-135M,
-# on the CPU (docs/RESULTS.md explains the sizing). Usage: bench/reproduce_table.sh [RUN_DIR]
-# STEPS, LR and MARKER_LR override the training length and rates (run 2 of docs/RESULTS.md used
-# the defaults; run 1 used STEPS=250 LR=3e-4 MARKER_LR=3e-4).
+# on the CPU (research/HISTORY.md, "Setup", explains the sizing).
+# Usage: research/reproduce_table.sh [RUN_DIR]
+# STEPS, LR and MARKER_LR override the training length and rates (run 2 of research/HISTORY.md
+# used the defaults; run 1 used STEPS=250 LR=3e-4 MARKER_LR=3e-4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${1:-runs/table}"

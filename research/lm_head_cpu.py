@@ -2,10 +2,10 @@
 (what the engine uses for more than one row), for a few row counts, next to a plain read of the
 same bytes. Why: on the dev machine's MKL the first order read a 113 MB head at ~3 GB/s for 2-8 rows.
 
-    python bench/lm_head_cpu.py                       # SmolLM2's head shape, 49152 x 576
-    python bench/lm_head_cpu.py --vocab 128256 --hidden 4096 --rows 1,4
+    python research/lm_head_cpu.py                       # SmolLM2's head shape, 49152 x 576
+    python research/lm_head_cpu.py --vocab 128256 --hidden 4096 --rows 1,4
 
-Writes ``bench/results/lm_head_cpu.json`` (interleaved timing, median of ``--reps``).
+Writes ``research/results/lm_head_cpu.json`` (interleaved timing, median of ``--reps``).
 """
 from __future__ import annotations
 

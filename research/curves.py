@@ -1,12 +1,12 @@
 """Held-out learning curves (``flashback train --eval-every``) side by side, with the ratio of two
 of them at every step both were scored: issue 4 asks for A.+LoRA+M.T. / P.+LoRA <= 1.03.
 
-    python bench/curves.py append_markers=runs/append_markers prepend=runs/prepend \\
+    python research/curves.py append_markers=runs/append_markers prepend=runs/prepend \\
         --ratio append_markers/prepend --json curves.json
 
 Each ``NAME=PATH`` is an adapter folder (its run file's ``held_out_curve``, or for a run that did
 not finish, ``checkpoints/held_out_curve.json``) or a curve JSON itself (``held_out_curve_*.json``
-in bench/device_table.sh's logs). Prints a markdown table; ``--json`` writes the rows, ``--png``
+in research/device_table.sh's logs). Prints a markdown table; ``--json`` writes the rows, ``--png``
 a plot (with matplotlib).
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flashback_ext.train import CURVE_FILE, RUN_FILE  # noqa: E402
+from flashback_ext.pipeline.train import CURVE_FILE
+from flashback_ext.pipeline.adapter_io import RUN_FILE  # noqa: E402
 
 
 def read_curve(path: Path) -> dict[int, float]:

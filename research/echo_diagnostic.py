@@ -2,11 +2,11 @@
 src[-K:] | tgt``, not in the paper), for the base model and for adapters trained WITHOUT an echo:
 does re-reading the context's end after the passage help by itself, before any training?
 
-    python bench/echo_diagnostic.py --examples DIR [--adapter DIR] [--echo 0,1,4,16]
+    python research/echo_diagnostic.py --examples DIR [--adapter DIR] [--echo 0,1,4,16]
 
 ``DIR`` is an examples folder (``flashback examples --out``); the base model is scored without
 markers (the paper's "A." row), an adapter with the markers it was trained with. Writes JSON
-(``--out``, default ``bench/results/echo_diagnostic.json``): perplexity and mean NLL by target
+(``--out``, default ``research/results/echo_diagnostic.json``): perplexity and mean NLL by target
 place per (model, echo).
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> int:
-    from flashback_ext.evaluate import perplexity
-    from flashback_ext.experiment import load_exported_examples
-    from flashback_ext.models import load_model
-    from flashback_ext.train import load_adapter, run_info
+    from flashback_ext.pipeline.evaluate import perplexity
+    from flashback_ext.pipeline.experiment import load_exported_examples
+    from flashback_ext.engine.models import load_model
+    from flashback_ext.pipeline.adapter_io import load_adapter, run_info
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--examples", required=True, help="examples folder (flashback examples --out)")

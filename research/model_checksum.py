@@ -3,7 +3,7 @@ tensor), so that a copy converted on another machine (the GPU box) can be checke
 same GGUF + a different transformers version must still give the same dequantised weights."""
 import sys
 
-from flashback_ext.models import default_model_path
+from flashback_ext.engine.models import default_model_path
 
 
 def checksum(path) -> tuple[float, float, int]:
