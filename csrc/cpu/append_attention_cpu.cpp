@@ -36,7 +36,7 @@ struct SeqInfo {
   int64_t kv_len, q_len, ring_offset;
 };
 
-// Physical slot of logical token j (see DESIGN.md, ring layout).
+// Physical slot of logical token j (see docs/DESIGN.md, ring layout).
 inline int64_t slot_of(int64_t j, int64_t sink, int64_t ring, int64_t offset) {
   return j < sink ? j : sink + (j - sink + offset) % ring;
 }

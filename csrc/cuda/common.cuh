@@ -11,7 +11,7 @@ namespace cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Physical slot of logical token j (DESIGN.md ring layout); int64 so huge caches cannot overflow.
+// Physical slot of logical token j (docs/DESIGN.md, ring layout); int64 so huge caches cannot overflow.
 __device__ __forceinline__ int64_t slot_of(int64_t j, int64_t sink, int64_t ring, int64_t offset) {
   return j < sink ? j : sink + (j - sink + offset) % ring;
 }

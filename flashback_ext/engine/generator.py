@@ -236,7 +236,7 @@ class RALMGenerator:
         """The LM head on ``[rows, hidden]``. On the CPU in fp32, a plain bias-free head is applied
         as ``weight @ last.T``: MKL's product for a few rows in ``last @ weight.T`` order read
         SmolLM2's 113 MB head at ~3 GB/s on the dev machine (AMD EPYC; 39 ms for 3 rows), the
-        weight-major order 5x faster (bench/lm_head_cpu.py); same products, summed in another
+        weight-major order 5x faster (research/lm_head_cpu.py); same products, summed in another
         order."""
         head = self._head
         # a plain module only: no peft wrapper, no bias, and no accelerate hook that would move

@@ -149,7 +149,7 @@ def kv_append(
     """Write ``k_new, v_new [B, Hkv, n, D]`` into ``k_cache, v_cache [B, Hkv, C, D]`` in place.
 
     Token ``i`` of sequence ``b`` goes to logical index ``write_pos[b] + i`` of the ring layout
-    (see DESIGN.md). Strided views are accepted for ``k_new``/``v_new``. Raises ``ValueError`` /
+    (see docs/DESIGN.md). Strided views are accepted for ``k_new``/``v_new``. Raises ``ValueError`` /
     ``TypeError`` naming the bad argument, before writing anything.
     """
     _check_cache_pair(k_cache, v_cache)

@@ -1,4 +1,4 @@
-"""RingKVCache: preallocated per-layer K/V buffers in the ring layout of DESIGN.md.
+"""RingKVCache: preallocated per-layer K/V buffers in the ring layout of docs/DESIGN.md.
 
 The cache owns, for every layer, ``k`` and ``v`` buffers ``[B, Hkv, C, D]`` plus the logical
 length and ring offset of every sequence, kept twice: as Python ints (so every request is
