@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flashback_ext  # noqa: E402
 from flashback_ext import ops  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import PEER_NAMES, attention_peers  # noqa: E402
 
@@ -242,7 +243,8 @@ def cuda_suite(ceilings, quick: bool) -> list[dict]:
 
 
 def print_table(cases: list[dict]) -> None:
-    head = f"{'op':<17}{'shape':<38}{'ours ms':>9}{'GB/s':>8}{'TFLOP/s':>9}{'%roof':>7}{'best peer ms':>14}{'x peer':>8}"
+    head = (f"{'op':<17}{'shape':<38}{'ours ms':>9}{'GB/s':>8}{'TFLOP/s':>9}{'%roof':>7}"
+            f"{'best peer ms':>14}{'x peer':>8}")
     print(head)
     print("-" * len(head))
     for c in cases:

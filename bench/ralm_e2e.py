@@ -35,10 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import measure_ceilings  # noqa: E402
-from flashback_ext.engine.hf import unpatch_model  # noqa: E402
 from flashback_ext.engine.generator import RALMGenerator  # noqa: E402
+from flashback_ext.engine.hf import unpatch_model  # noqa: E402
 from flashback_ext.engine.retrieval import Hit, Passage  # noqa: E402
+
+from kernels import measure_ceilings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

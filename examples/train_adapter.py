@@ -13,11 +13,11 @@ import argparse
 import tempfile
 
 from flashback_ext import RALMGenerator, load_model
+from flashback_ext.engine.retrieval import BM25Retriever, Corpus
+from flashback_ext.pipeline.adapter_io import load_adapter
 from flashback_ext.pipeline.evaluate import perplexity
 from flashback_ext.pipeline.experiment import ExampleSpec, prepare_examples
-from flashback_ext.engine.retrieval import BM25Retriever, Corpus
 from flashback_ext.pipeline.train import TrainSettings, train_adapter
-from flashback_ext.pipeline.adapter_io import load_adapter
 
 
 def main() -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from flashback_ext.pipeline.examples import build_examples  # noqa: E402
 from flashback_ext.engine.models import tiny_llama  # noqa: E402
 from flashback_ext.engine.retrieval import BM25Retriever, Corpus  # noqa: E402
+from flashback_ext.pipeline.examples import build_examples  # noqa: E402
 from flashback_ext.pipeline.train import TrainSettings, train_adapter  # noqa: E402
+
 from toys import tiny_hf_tokenizer, word_docs  # noqa: E402
 
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from flashback_ext import ops, has_cpu_ops
+from flashback_ext import has_cpu_ops, ops
+
 from cases import ATOL, assert_fa_close, make_case, reference_pair
 
 pytestmark = pytest.mark.skipif(not has_cpu_ops(), reason="extension built without CPU ops")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flashback_ext import RingKVCache, has_cuda_ops, ops, reference
+
 from cases import ATOL, assert_fa_close, make_case, reference_pair
 
 pytestmark = pytest.mark.skipif(

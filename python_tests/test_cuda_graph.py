@@ -4,11 +4,12 @@ captured graph's replays must do the same."""
 import pytest
 import torch
 
-from flashback_ext.ops.ring_cache import RingKVCache
 from flashback_ext.engine.cuda_graph import DecodeGraph
+from flashback_ext.engine.generator import RALMGenerator
 from flashback_ext.engine.hf import FlashBackCache
 from flashback_ext.engine.models import tiny_llama
-from flashback_ext.engine.generator import RALMGenerator
+from flashback_ext.ops.ring_cache import RingKVCache
+
 from toys import ByteTokenizer, ListRetriever
 
 TEXTS = ["alpha beta gamma delta " * 4, "the quick brown fox jumps over the lazy dog",

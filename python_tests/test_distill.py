@@ -5,15 +5,22 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from flashback_ext.pipeline.batches import Collator, target_nll
-from flashback_ext.pipeline.examples import build_examples
-from flashback_ext.layout import layout_positions, layout_tokens
-from flashback_ext.pipeline.distill import DistillCollator, TEACHER_FILE, load_teacher_targets, soft_target_nll, teacher_targets
-from flashback_ext.marking import add_marking_tokens, marker_ids
 from flashback_ext.engine.models import tiny_llama
 from flashback_ext.engine.retrieval import BM25Retriever, Corpus
+from flashback_ext.layout import layout_positions, layout_tokens
+from flashback_ext.marking import add_marking_tokens, marker_ids
 from flashback_ext.pipeline.adapter_io import AdapterError, load_adapter
+from flashback_ext.pipeline.batches import Collator, target_nll
+from flashback_ext.pipeline.distill import (
+    TEACHER_FILE,
+    DistillCollator,
+    load_teacher_targets,
+    soft_target_nll,
+    teacher_targets,
+)
+from flashback_ext.pipeline.examples import build_examples
 from flashback_ext.pipeline.train import TrainSettings, train_adapter
+
 from toys import tiny_hf_tokenizer, word_docs
 
 

@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from flashback_ext.engine import hf
-from flashback_ext.engine.hf import FlashBackCache, cache_kwarg_name, is_patched, patch_model, unpatch_model
+from flashback_ext.engine.hf import (
+    FlashBackCache,
+    cache_kwarg_name,
+    is_patched,
+    patch_model,
+    unpatch_model,
+)
 from flashback_ext.engine.models import tiny_llama
 
 
@@ -80,8 +86,10 @@ def test_peft_wrapped_model():
     cache = FlashBackCache.for_model(wrapped, 1, 40)
     kw = cache_kwarg_name(wrapped)
     got = torch.cat([
-        wrapped(input_ids=ids[:, :10], position_ids=cache.position_ids(10), attention_mask=cache.dummy_mask(), **{kw: cache}).logits,
-        wrapped(input_ids=ids[:, 10:], position_ids=cache.position_ids(15), attention_mask=cache.dummy_mask(), **{kw: cache}).logits,
+        wrapped(input_ids=ids[:, :10], position_ids=cache.position_ids(10),
+                attention_mask=cache.dummy_mask(), **{kw: cache}).logits,
+        wrapped(input_ids=ids[:, 10:], position_ids=cache.position_ids(15),
+                attention_mask=cache.dummy_mask(), **{kw: cache}).logits,
     ], 1)
     assert (got - full).abs().max().item() <= 1e-4
 

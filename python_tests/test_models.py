@@ -56,6 +56,7 @@ def test_default_conversion_applies_the_gguf_tokens_and_upgrades_old_caches(tmp_
     import transformers
 
     from flashback_ext.engine import models
+
     from toys import tiny_hf_tokenizer
 
     gguf_dir = tmp_path / "pkg"

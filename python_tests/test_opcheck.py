@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from flashback_ext import has_cpu_ops, ops  # noqa: F401  (registers the fake kernels)
+
 from cases import make_case
 
 pytestmark = pytest.mark.skipif(not has_cpu_ops(), reason="extension built without CPU ops")

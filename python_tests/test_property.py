@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashback_ext import has_cpu_ops, ops, reference
+
 from cases import ATOL, assert_fa_close, make_case, reference_pair
 
 pytestmark = pytest.mark.skipif(not has_cpu_ops(), reason="extension built without CPU ops")

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from flashback_ext.engine.models import tiny_llama
 from flashback_ext.engine.generator import RALMGenerator
+from flashback_ext.engine.models import tiny_llama
 from flashback_ext.marking import marker_ids
+
 from toys import ByteTokenizer, ListRetriever
 
 TEXTS = ["alpha beta gamma delta " * 4, "the quick brown fox jumps over the lazy dog",

@@ -3,7 +3,15 @@ import json
 
 import pytest
 
-from flashback_ext.engine.retrieval import BM25Retriever, Corpus, DenseRetriever, RetrievalError, build_index, load_index
+from flashback_ext.engine.retrieval import (
+    BM25Retriever,
+    Corpus,
+    DenseRetriever,
+    RetrievalError,
+    build_index,
+    load_index,
+)
+
 from toys import ByteTokenizer
 
 FILLER = [f"document number {i} talks about weather, cooking, gardens and trains" for i in range(30)]

@@ -7,16 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashback_ext.pipeline.batches import Collator, target_nll, target_token_nll
-from flashback_ext.pipeline.examples import DataError, Example, build_examples, passage_leaks, split_by_document
-from flashback_ext.layout import layout_positions, layout_tokens
-from flashback_ext.pipeline.evaluate import engine_perplexity, perplexity, position_table
-from flashback_ext.marking import add_marking_tokens, marker_ids
-from flashback_ext.engine.models import tiny_llama
 from flashback_ext.engine.generator import RALMGenerator
+from flashback_ext.engine.models import tiny_llama
 from flashback_ext.engine.retrieval import BM25Retriever, Corpus
+from flashback_ext.layout import layout_positions, layout_tokens
+from flashback_ext.marking import add_marking_tokens, marker_ids
 from flashback_ext.pipeline.adapter_io import AdapterError, load_adapter
+from flashback_ext.pipeline.batches import Collator, target_nll, target_token_nll
+from flashback_ext.pipeline.evaluate import engine_perplexity, perplexity, position_table
+from flashback_ext.pipeline.examples import (
+    DataError,
+    Example,
+    build_examples,
+    passage_leaks,
+    split_by_document,
+)
 from flashback_ext.pipeline.train import TrainSettings, train_adapter
+
 from toys import tiny_hf_tokenizer, word_docs
 
 

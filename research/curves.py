@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flashback_ext.pipeline.train import CURVE_FILE
 from flashback_ext.pipeline.adapter_io import RUN_FILE  # noqa: E402
+from flashback_ext.pipeline.train import CURVE_FILE
 
 
 def read_curve(path: Path) -> dict[int, float]:

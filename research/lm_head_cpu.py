@@ -57,8 +57,9 @@ def main(argv=None) -> int:
     for n in (int(r) for r in args.rows.split(",")):
         x = torch.randn(n, args.hidden)
         # interleaved, so drifts of a shared machine hit both orders alike
-        pairs = [(_median_ms(lambda: torch.nn.functional.linear(x, weight), 3),
-                  _median_ms(lambda: (weight @ x.T).T, 3)) for _ in range(max(1, args.reps // 3))]
+        pairs = [(_median_ms(lambda x=x: torch.nn.functional.linear(x, weight), 3),
+                  _median_ms(lambda x=x: (weight @ x.T).T, 3))
+                 for _ in range(max(1, args.reps // 3))]
         linear = statistics.median(a for a, _ in pairs)
         weight_major = statistics.median(b for _, b in pairs)
         err = float(((weight @ x.T).T - torch.nn.functional.linear(x, weight)).abs().max())

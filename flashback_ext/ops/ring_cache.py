@@ -224,8 +224,8 @@ class RingKVCache:
                     raise ValueError(f"cannot roll back {c} tokens of sequence {b}: it holds "
                                      f"{self._len[layer][b]} ({self.sink} sink) after evicting "
                                      f"{self._evicted[layer][b]}; evicted tokens cannot come back")
-        self._set_lengths([[self._len[l][b] - c for b, c in enumerate(counts)]
-                           for l in range(self.num_layers)])
+        self._set_lengths([[self._len[layer][b] - c for b, c in enumerate(counts)]
+                           for layer in range(self.num_layers)])
 
     def truncate(self, length: IntOrSeq) -> None:
         """Keep the first ``length`` tokens (an int, or one per sequence) of every layer; O(1)."""

@@ -11,9 +11,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from .examples import DataError, Example, build_examples, load_or_build_examples, python_docs, split_by_document
 from ..engine.models import cache_dir
 from ..engine.retrieval import BM25Retriever, Corpus
+from .examples import (
+    DataError,
+    Example,
+    build_examples,
+    load_or_build_examples,
+    python_docs,
+    split_by_document,
+)
 
 __all__ = ["ExampleSpec", "prepare_examples", "load_documents", "export_examples",
            "load_exported_examples", "tokenizer_fingerprint"]

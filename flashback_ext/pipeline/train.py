@@ -21,9 +21,22 @@ import torch
 
 from ..layout import Layout, check_attention_for_positions
 from ..marking import add_marking_tokens, marker_ids
-from .adapter_io import RUN_FILE, AdapterError, base_signature, check_adapter_layout, load_adapter, quiet_peft
+from .adapter_io import (
+    RUN_FILE,
+    AdapterError,
+    base_signature,
+    check_adapter_layout,
+    load_adapter,
+    quiet_peft,
+)
 from .batches import Collator, target_nll
-from .distill import DistillCollator, DistillDataset, TEACHER_FILE, load_teacher_targets, soft_target_nll
+from .distill import (
+    TEACHER_FILE,
+    DistillCollator,
+    DistillDataset,
+    load_teacher_targets,
+    soft_target_nll,
+)
 from .examples import Example
 
 __all__ = ["TrainSettings", "train_adapter", "check_distill"]

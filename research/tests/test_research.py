@@ -58,6 +58,7 @@ def tiny_exported(tmp_path, monkeypatch):
     word corpus: ``(model, tokenizer, model_dir, examples_dir)``."""
     from flashback_ext.cli import main
     from flashback_ext.engine.models import tiny_llama
+
     from toys import tiny_hf_tokenizer, word_docs
 
     monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path / "cache"))
@@ -105,9 +106,10 @@ def test_passage_leak_diagnostic_swaps_only_the_passage(tmp_path, tiny_exported,
     import dataclasses
 
     monkeypatch.syspath_prepend(str(RESEARCH))
-    import passage_leak_diagnostic as diag
     from flashback_ext.pipeline.evaluate import perplexity
     from flashback_ext.pipeline.experiment import load_exported_examples
+
+    import passage_leak_diagnostic as diag
 
     model, tok, model_dir, examples = tiny_exported
     out = tmp_path / "leak.json"
