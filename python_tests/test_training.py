@@ -9,7 +9,6 @@ import torch
 
 from flashback_ext.engine.generator import RALMGenerator
 from flashback_ext.engine.models import tiny_llama
-from flashback_ext.engine.retrieval import BM25Retriever, Corpus
 from flashback_ext.layout import layout_positions, layout_tokens
 from flashback_ext.marking import add_marking_tokens, marker_ids
 from flashback_ext.pipeline.adapter_io import AdapterError, load_adapter
@@ -24,24 +23,7 @@ from flashback_ext.pipeline.examples import (
 )
 from flashback_ext.pipeline.train import TrainSettings, train_adapter
 
-from toys import tiny_hf_tokenizer, word_docs
-
-
-@pytest.fixture()
-def tok():
-    return tiny_hf_tokenizer()
-
-
-@pytest.fixture()
-def model(tok):
-    return tiny_llama(vocab_size=len(tok), layers=2, hidden=32, heads=4, kv_heads=2)
-
-
-@pytest.fixture()
-def setup(tok):
-    docs = word_docs()
-    retriever = BM25Retriever(Corpus.from_documents(docs, tok, max_tokens=24, progress=False))
-    return docs, retriever
+from toys import tiny_hf_tokenizer, train_tiny, word_docs
 
 
 def test_marking_tokens_are_added_once(model, tok):
@@ -228,19 +210,10 @@ def test_perplexity_matches_hand_computation(model, tok):
     assert table.splitlines()[2].startswith(f"| A. | {want[0]:.3f} | {want[1]:.3f} | {want[2]:.3f} |")
 
 
-def _train(model, tok, setup, tmp_path, layout="append", markers=True, steps=3, **extra):
-    docs, retriever = setup
-    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
-                         budget=64, max_examples=16, progress=False)
-    settings = TrainSettings(layout=layout, markers=markers, steps=steps, batch_size=4,
-                             **{"lr": 1e-2, "save_steps": 100, "logging_steps": 1, **extra})
-    return exs, train_adapter(model, tok, exs, tmp_path / "adapter", settings=settings)
-
-
 def test_only_marker_rows_and_lora_change(model, tok, setup, tmp_path):
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_rows = model.get_input_embeddings().weight.shape[0]
-    _train(model, tok, setup, tmp_path)
+    train_tiny(model, tok, setup, tmp_path)
     ids = marker_ids(tok)
     for name, param in model.named_parameters():
         if "lora_" in name or "trainable_tokens" in name:
@@ -263,7 +236,7 @@ def test_only_marker_rows_and_lora_change(model, tok, setup, tmp_path):
 def test_marker_rows_get_their_own_learning_rate(model, tok, setup, tmp_path):
     # one Adam step moves every parameter by about its learning rate: with a negligible LoRA rate
     # the LoRA B matrices (zero at init) stay ~0 while the marker rows move by ~marker_lr
-    _train(model, tok, setup, tmp_path, steps=1, lr=1e-9, marker_lr=0.1, warmup_ratio=0.0)
+    train_tiny(model, tok, setup, tmp_path, steps=1, lr=1e-9, marker_lr=0.1, warmup_ratio=0.0)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
     assert lora_b and len(rows) == 1
@@ -273,7 +246,7 @@ def test_marker_rows_get_their_own_learning_rate(model, tok, setup, tmp_path):
 
 
 def test_adapter_round_trip_gives_identical_logits(model, tok, setup, tmp_path):
-    exs, folder = _train(model, tok, setup, tmp_path)
+    exs, folder = train_tiny(model, tok, setup, tmp_path)
     info = json.loads((folder / "flashback_run.json").read_text())
     assert info["settings"]["layout"] == "append" and info["base"]["hidden_size"] == 32
     batch = Collator("append", marker_ids(tok), 0)(exs[:3])
@@ -296,7 +269,7 @@ def test_adapter_round_trip_gives_identical_logits(model, tok, setup, tmp_path):
 def test_adapter_without_its_tokenizer_takes_the_base_one_with_markers(model, tok, setup, tmp_path):
     # the shipped adapter stores no tokenizer: the base tokenizer + the markers must rebuild it,
     # on exactly the embedding rows the adapter trained
-    exs, folder = _train(model, tok, setup, tmp_path)
+    exs, folder = train_tiny(model, tok, setup, tmp_path)
     with_own = load_adapter(tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32,
                                        heads=4, kv_heads=2), folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -322,7 +295,7 @@ def test_adapter_without_its_tokenizer_takes_the_base_one_with_markers(model, to
 
 @pytest.mark.parametrize("echo,positions", [(0, "after"), (3, "after"), (0, "before")])
 def test_engine_scores_like_the_evaluator(model, tok, setup, tmp_path, echo, positions):
-    exs, folder = _train(model, tok, setup, tmp_path, passage_positions=positions)
+    exs, folder = train_tiny(model, tok, setup, tmp_path, passage_positions=positions)
     fresh = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32, heads=4, kv_heads=2)
     with torch.no_grad():  # sharper attention: a random tiny model barely sees positions
         for layer in fresh.model.layers:
@@ -344,14 +317,14 @@ def test_engine_scores_like_the_evaluator(model, tok, setup, tmp_path, echo, pos
 def test_adapter_errors(model, tok, setup, tmp_path):
     with pytest.raises(AdapterError, match="no FlashBack adapter"):
         load_adapter(model, tmp_path / "missing")
-    _, folder = _train(model, tok, setup, tmp_path, steps=1)
+    _, folder = train_tiny(model, tok, setup, tmp_path, steps=1)
     other = tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=3, hidden=32, heads=4, kv_heads=2)
     with pytest.raises(AdapterError, match="trained for another model: num_hidden_layers 2 != 3"):
         load_adapter(other, folder)
 
 
 def test_warm_start_continues_from_a_saved_adapter(model, tok, setup, tmp_path):
-    exs, first = _train(model, tok, setup, tmp_path, steps=2, lora_r=4, lora_alpha=8)
+    exs, first = train_tiny(model, tok, setup, tmp_path, steps=2, lora_r=4, lora_alpha=8)
     fresh_tok = tiny_hf_tokenizer()
     fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
     loaded, _ = load_adapter(fresh, first)
@@ -417,7 +390,7 @@ def test_warm_start_with_tied_embeddings_trains_one_shared_marker_row(tok, setup
         return tiny_llama(vocab_size=len(tiny_hf_tokenizer()), layers=2, hidden=32, heads=4,
                           kv_heads=2, tie_embeddings=True)
 
-    exs, first = _train(tied(), tok, setup, tmp_path, steps=2)
+    exs, first = train_tiny(tied(), tok, setup, tmp_path, steps=2)
     fresh_tok = tiny_hf_tokenizer()
     out = train_adapter(tied(), fresh_tok, exs, tmp_path / "warm", init_adapter=first,
                         settings=TrainSettings(steps=2, batch_size=4, lr=1e-2, marker_lr=0.1,

@@ -72,3 +72,16 @@ def word_docs(n_docs: int = 12, words_per_doc: int = 400, seed: int = 0):
     rng = random.Random(seed)
     return [(f"doc{i}", f"title{i}", " ".join(rng.choice(WORDS) for _ in range(words_per_doc)))
             for i in range(n_docs)]
+
+
+def train_tiny(model, tok, setup, tmp_path, layout="append", markers=True, steps=3, **extra):
+    """A few LoRA steps on tiny examples: ``(examples, adapter folder tmp_path / "adapter")``."""
+    from flashback_ext.pipeline.examples import build_examples
+    from flashback_ext.pipeline.train import TrainSettings, train_adapter
+
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=16, progress=False)
+    settings = TrainSettings(layout=layout, markers=markers, steps=steps, batch_size=4,
+                             **{"lr": 1e-2, "save_steps": 100, "logging_steps": 1, **extra})
+    return exs, train_adapter(model, tok, exs, tmp_path / "adapter", settings=settings)

@@ -23,7 +23,7 @@ from .common import (
     settle_passage_tokens,
 )
 
-__all__ = ["add_commands", "cmd_demo", "cmd_generate", "cmd_index"]
+__all__ = ["add_commands", "cmd_demo", "cmd_generate", "cmd_export", "cmd_index"]
 
 DEMO_QUESTIONS = [
     "What does the yield statement do in a Python function?",
@@ -33,7 +33,7 @@ DEMO_QUESTIONS = [
 
 
 def add_commands(sub) -> None:
-    """The ``demo``, ``generate`` and ``index`` subcommands."""
+    """The ``demo``, ``generate``, ``export`` and ``index`` subcommands."""
     demo = sub.add_parser("demo", help="the main job: RALM answers, append vs prepend timing")
     add_model_args(demo)
     add_retrieval_args(demo)
@@ -59,6 +59,16 @@ def add_commands(sub) -> None:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     add_adapter_arg(gen)
     gen.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser("export", help="merge an adapter into a self-contained checkpoint "
+                                           "that transformers and vLLM load")
+    add_model_args(export)
+    add_adapter_arg(export)
+    export.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="dtype of the saved weights (default: the loaded model's)")
+    export.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    export.set_defaults(func=cmd_export)
 
     index = sub.add_parser("index", help="build or search a retrieval index")
     isub = index.add_subparsers(dest="action", required=True)
@@ -220,4 +230,26 @@ def cmd_index(args) -> int:
     for h in hits:
         snippet = h.passage.text[:100].replace("\n", " ")
         print(f"#{h.passage.id} {h.score:8.3f} [{h.passage.title}] {snippet}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Merge the append adapter into the base model and save it for serving engines."""
+    import torch
+
+    from ..pipeline.adapter_io import AdapterError
+    from ..pipeline.export import export_merged
+
+    path = adapter_path(args)
+    if path is None:
+        raise CliError("--adapter: give the adapter folder to export (or 'auto' with the default "
+                       "model for the shipped one)")
+    model, tokenizer = load_base(args)
+    try:
+        out = export_merged(model, tokenizer, path, args.out, overwrite=args.force,
+                            dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (AdapterError, FileExistsError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"merged checkpoint of {path} written to {out} (serve it with `vllm serve {out} "
+          f"--enable-prefix-caching`)")
     return 0
