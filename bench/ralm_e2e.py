@@ -84,21 +84,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def build_model(name: str, device: torch.device):
+def build_model(name: str, device: torch.device, dtype: torch.dtype):
     if name == "default":
         from flashback_ext.engine.models import load_model
-        model, _ = load_model("default", device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+        model, _ = load_model("default", device=device, dtype=dtype)
         return model
     if name == "tiny":  # smoke tests
         from flashback_ext.engine.models import tiny_llama
-        return tiny_llama(vocab_size=512, max_positions=8192).to(device)
+        return tiny_llama(vocab_size=512, max_positions=8192).to(device, dtype)
     if name == "llama2-7b-shape":
         from transformers import LlamaConfig, LlamaForCausalLM
         cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                           max_position_embeddings=65536)
         with torch.device(device):
-            model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+            model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
         return model.eval()
     raise SystemExit(f"unknown --model {name!r}")
 
@@ -200,6 +200,8 @@ def main() -> None:
                         help="also time engine-append on this many prompts of different lengths")
     parser.add_argument("--echo-tokens", type=int, default=0,
                         help="K > 0 also times engine-echo: append with a K-token context echo")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.echo_tokens < 0:
@@ -217,19 +219,22 @@ def main() -> None:
     name = args.model or ("default" if args.device == "cpu" else "llama2-7b-shape")
     contexts = [int(x) for x in (args.contexts or ("512,1024,2048" if args.device == "cpu"
                                                    else "1024,4096,8192,16384,32768")).split(",")]
-    model = build_model(name, device)
+    default_dtype = "float32" if args.device == "cpu" else "bfloat16"
+    dtype_name = args.dtype or default_dtype
+    model = build_model(name, device, getattr(torch, dtype_name))
     ceilings = measure_ceilings(args.device)
     print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul "
           f"{ceilings['matmul_TFLOPs']:.1f} TFLOP/s ({ceilings['matmul_dtype']})", flush=True)
     weights = model_bytes(model)[0]
     rows = []
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    out = args.out or RESULTS / f"ralm_e2e_{args.device}.json"
+    suffix = "" if dtype_name == default_dtype else f"_{dtype_name}"
+    out = args.out or RESULTS / f"ralm_e2e_{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
         out.write_text(json.dumps({"device": dev_name, "threads": torch.get_num_threads(),
-                                   "model": name, "ceilings": ceilings,
+                                   "model": name, "dtype": dtype_name, "ceilings": ceilings,
                                    "weights_GB": weights / 2**30, "stride": args.stride,
                                    "passage": args.passage, "cycles": args.cycles,
                                    "echo_tokens": args.echo_tokens,

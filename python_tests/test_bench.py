@@ -9,16 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from flashback_ext.engine.models import tiny_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ralm_e2e_harness_runs(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ralm_e2e_harness_runs(tmp_path, dtype):
     out = tmp_path / "e2e.json"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "ralm_e2e.py"), "--model", "tiny",
                           "--contexts", "48", "--cycles", "1", "--stride", "4", "--passage", "8",
-                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+                          "--dtype", dtype, "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert result["dtype"] == dtype
+    tiny = tiny_llama(vocab_size=512)  # what the harness builds, in fp32
+    per_step = sum(p.numel() for p in tiny.parameters()) - tiny.get_input_embeddings().weight.numel()
+    # the weights a decode step reads: the model really is in that dtype
+    assert result["weights_GB"] * 2**30 == per_step * (4 if dtype == "float32" else 2)
+    rows = result["rows"]
     assert rows[0]["context"] == 48
     for mode in ("engine-append", "engine-prepend", "hf-append", "hf-prepend", "engine-none"):
         assert rows[0][mode] > 0

@@ -1,6 +1,9 @@
 """Default-model conversion details that do not need the 98 MB GGUF: special tokens come from the
 file's own metadata, whatever the installed transformers version reads."""
+from pathlib import Path
+
 import pytest
+import torch
 
 from flashback_ext.engine.models import align_special_tokens, tiny_llama
 
@@ -88,3 +91,19 @@ def test_default_conversion_applies_the_gguf_tokens_and_upgrades_old_caches(tmp_
     assert models.default_model_path() == path and len(conversions) == 2
     assert not (path / "marker.txt").exists() and (path / models._STAMP).exists()
     assert not path.with_name(path.name + ".old").exists()
+
+
+def test_dtype_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from flashback_ext.engine import models
+
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "cpu_has_bf16", lambda native=native: native)
+        assert models.resolve_dtype("auto", "cpu") == want
+        assert models.default_dtype("cpu") == torch.float32  # the library default stays fp32
+    assert models.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert models.resolve_dtype("float16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="dtype must be auto"):
+        models.resolve_dtype("int8", "cpu")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    monkeypatch.undo()
+    assert models.cpu_has_bf16() == (" amx_bf16" in flags or " avx512_bf16" in flags)

@@ -163,6 +163,33 @@ def test_engine_scores_with_passages_before_like_a_forward(tiny):
     torch.testing.assert_close(torch.tensor(got), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["append", "prepend"])
+def test_engine_in_bf16_is_as_exact_as_plain_bf16(tiny, mode):
+    # what --dtype auto picks on AMX/AVX512-BF16 CPUs: the engine's bf16 logits may differ from
+    # the fp32 reference by at most twice what a plain transformers bf16 forward of the same
+    # sequence differs (the FlashAttention rule), plus a small slack
+    import copy
+
+    half = copy.deepcopy(tiny).to(torch.bfloat16)
+    tok = ByteTokenizer(markers=True)
+    gen = RALMGenerator(half, tok, ListRetriever(TEXTS, tok), mode=mode, stride=5,
+                        query_tokens=8, passage_tokens=24)
+    results = gen.generate(["hello world, this is a longer prompt", "hi"], max_new_tokens=12,
+                           trace=True, stop_on_eos=False)
+    worst_engine = worst_plain = 0.0
+    with torch.no_grad():
+        for r in results:
+            for (seq, logits), pos in zip(r.trace, r.trace_positions):
+                args = dict(position_ids=torch.tensor([pos]),
+                            attention_mask=torch.ones(1, len(seq), dtype=torch.long))
+                ref = tiny(torch.tensor([seq]), **args).logits[0, -1].float()
+                plain = half(torch.tensor([seq]), **args).logits[0, -1].float()
+                worst_engine = max(worst_engine, (logits - ref).abs().max().item())
+                worst_plain = max(worst_plain, (plain - ref).abs().max().item())
+    assert worst_plain > 0  # bf16 really is coarser than the reference
+    assert worst_engine <= 2 * worst_plain + 1e-3, (worst_engine, worst_plain)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(passage_positions="middle"), "passage_positions must be one of"),
     (dict(passage_positions="before", mode="prepend"), "'before' needs the append layout"),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["CliError", "DEFAULT_PASSAGE_TOKENS", "as_prompt", "add_model_args",
-           "add_retrieval_args", "add_engine_args", "add_adapter_arg", "load_base",
+           "add_retrieval_args", "add_engine_args", "add_adapter_arg", "add_dtype_arg", "load_base",
            "process_device", "is_main_process", "adapter_path", "settle_passage_tokens",
            "append_model", "make_retriever", "make_generator", "guarded", "describe_device"]
 
@@ -61,17 +61,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overflow", choices=["error", "evict"], default="error")
 
 
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", dest="model_dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (default auto: bf16 on CUDA and on CPUs with AMX or "
+                        "AVX512-BF16, fp32 elsewhere)")
+
+
 def load_base(args):
     import torch
 
-    from ..engine.models import load_model
+    from ..engine.models import load_model, resolve_dtype
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda but no CUDA device is visible")
     device = process_device(device, torch.cuda.is_available())
+    # commands without --dtype (train, eval, export) load as load_model does: fp32 on the CPU
+    choice = getattr(args, "model_dtype", None)
+    dtype = None if choice is None else resolve_dtype(
+        choice, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        return load_model(args.model, device=device)
+        return load_model(args.model, device=device, dtype=dtype)
     except (FileNotFoundError, OSError) as exc:
         raise CliError(str(exc).splitlines()[0]) from None
 

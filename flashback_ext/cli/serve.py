@@ -10,6 +10,7 @@ from .common import (
     CliError,
     adapter_path,
     add_adapter_arg,
+    add_dtype_arg,
     add_engine_args,
     add_model_args,
     add_retrieval_args,
@@ -36,6 +37,7 @@ def add_commands(sub) -> None:
     """The ``demo``, ``generate``, ``export`` and ``index`` subcommands."""
     demo = sub.add_parser("demo", help="the main job: RALM answers, append vs prepend timing")
     add_model_args(demo)
+    add_dtype_arg(demo)
     add_retrieval_args(demo)
     add_engine_args(demo)
     demo.add_argument("--question", action="append", help="ask this instead of the built-in questions")
@@ -46,6 +48,7 @@ def add_commands(sub) -> None:
 
     gen = sub.add_parser("generate", help="generate with retrieval")
     add_model_args(gen)
+    add_dtype_arg(gen)
     add_retrieval_args(gen)
     add_engine_args(gen)
     gen.add_argument("--mode", choices=["append", "prepend", "none"], default="append")

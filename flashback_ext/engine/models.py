@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "cache_dir", "load_model", "model_folder",
+           "cpu_has_bf16", "default_dtype", "resolve_dtype",
            "default_model_path", "tiny_llama", "default_adapter_path", "align_special_tokens"]
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,33 @@ def align_special_tokens(tokenizer, model, gguf_file: Union[str, Path]) -> dict[
     return found
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16): there bf16 inference is
+    fast; elsewhere bf16 is emulated and slower than fp32. Read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f" {flag}" in flags for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def default_dtype(device: Union[str, torch.device], prefer_bf16_cpu: bool = False) -> torch.dtype:
+    """bf16 on CUDA; on the CPU fp32, or with ``prefer_bf16_cpu`` bf16 where :func:`cpu_has_bf16`."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if prefer_bf16_cpu and cpu_has_bf16() else torch.float32
+
+
+def resolve_dtype(name: Optional[str], device: Union[str, torch.device]) -> torch.dtype:
+    """A ``--dtype`` value: ``"auto"`` (bf16 on CUDA and on CPUs with native bf16, else fp32),
+    ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+    if name in (None, "auto"):
+        return default_dtype(device, prefer_bf16_cpu=True)
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
 def model_folder(name_or_path: Union[str, Path]) -> Path:
     """The local folder of a model: the converted embedded one for ``"default"`` or its public
     id, else ``name_or_path`` itself, which must hold a Hugging Face ``config.json``."""
@@ -158,7 +186,7 @@ def load_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = model_folder(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     if str(name_or_path) in (DEFAULT_MODEL, DEFAULT_MODEL_ID):
