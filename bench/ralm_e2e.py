@@ -104,14 +104,16 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def engine_cycle(model, mode, contexts, stride, passage, cycles, graphs, echo=0) -> dict:
+def engine_cycle(model, mode, contexts, stride, passage, cycles, graphs, echo=0,
+                 compile=False) -> dict:
     """Warm up, then time ``cycles + 1`` retrieval cycles for a batch of contexts."""
     vocab = model.config.vocab_size
     engine = RALMGenerator(model, IdTokenizer(), RandomPassages(vocab, passage), mode=mode,
                            stride=stride, passage_tokens=passage, cuda_graphs=graphs,
-                           echo_tokens=echo)
+                           echo_tokens=echo, compile=compile)
     new = stride * (cycles + 1)
-    engine.generate_ids(contexts, new, stop_on_eos=False)  # warm-up: capture, workspaces
+    # warm-up: graph capture, workspaces, and with compile=True the compilation (reported apart)
+    warm = engine.generate_ids(contexts, new, stop_on_eos=False)[0].timing
     t = engine.generate_ids(contexts, new, stop_on_eos=False)[0].timing
     cycles_run = max(1, t.retrievals if mode != "none" else cycles + 1)
     busy = t.block_s + t.decode_s
@@ -122,7 +124,8 @@ def engine_cycle(model, mode, contexts, stride, passage, cycles, graphs, echo=0)
             "tokens_per_s": len(contexts) * new / max(busy + t.prefill_s, 1e-9),
             # without the one-off prompt prefill: the rate once generation is under way
             "cycle_tokens_per_s": len(contexts) * new / max(busy, 1e-9),
-            "graph_steps": t.graph_steps, "decode_steps": t.decode_steps}
+            "graph_steps": t.graph_steps, "decode_steps": t.decode_steps,
+            "compile_s": warm.compile_s, "recompiled_in_timed_run": t.compile_s > 0}
 
 
 def model_bytes(model) -> tuple[int, int]:
@@ -195,7 +198,8 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--modes", default=None,
                         help="default: engine-append,engine-prepend,hf-append,hf-prepend,engine-none"
-                             " (plus eager-append,eager-prepend on cuda)")
+                             " (plus compiled-append on cpu: the torch.compile'd decode step;"
+                             " eager-append,eager-prepend on cuda)")
     parser.add_argument("--batch", type=int, default=0,
                         help="also time engine-append on this many prompts of different lengths")
     parser.add_argument("--echo-tokens", type=int, default=0,
@@ -208,9 +212,10 @@ def main() -> None:
         parser.error(f"--echo-tokens must be >= 0, got {args.echo_tokens}")
     device = torch.device(args.device)
     modes = (args.modes or "engine-append,engine-prepend,hf-append,hf-prepend,engine-none"
-             + (",eager-append,eager-prepend" if args.device == "cuda" else "")
+             + (",eager-append,eager-prepend" if args.device == "cuda" else ",compiled-append")
              + (",engine-echo" if args.echo_tokens else "")).split(",")
-    known = {f"{k}-{m}" for k in ("engine", "eager") for m in ("append", "prepend", "none", "echo")}
+    known = {f"{k}-{m}" for k in ("engine", "eager", "compiled")
+             for m in ("append", "prepend", "none", "echo")}
     known |= {"hf-append", "hf-prepend"}
     if set(modes) - known:
         parser.error(f"unknown modes {sorted(set(modes) - known)}; known: {sorted(known)}")
@@ -249,11 +254,12 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            if kind in ("engine", "eager"):
+            if kind in ("engine", "eager", "compiled"):
                 echo = args.echo_tokens if layout == "echo" else 0
                 detail = engine_cycle(model, "append" if echo else layout, [context], args.stride,
                                       args.passage, args.cycles,
-                                      None if kind == "engine" else False, echo)
+                                      False if kind == "eager" else None, echo,
+                                      compile=kind == "compiled")
                 ms = detail["cycle_ms"]
             else:
                 unpatch_model(model)
@@ -267,6 +273,8 @@ def main() -> None:
                 extra = (f"  decode {detail['decode_ms_per_token']:.2f} ms/token "
                          f"({row['decode_floor_ms'] / detail['decode_ms_per_token']:.0%} of floor)"
                          f"  block {detail['block_ms']:.1f} ms")
+                if detail.get("compile_s"):
+                    extra += f"  (compiled once in warm-up: {detail['compile_s']:.1f} s)"
                 if layout == "prepend":
                     rate = row["prepend_block_TFLOP"] / detail["block_ms"] * 1e3
                     extra += f" = {rate:.1f} TFLOP/s ({rate / ceilings['matmul_TFLOPs']:.0%} of matmul)"

@@ -30,8 +30,12 @@ def test_ralm_e2e_harness_runs(tmp_path, dtype):
     assert result["weights_GB"] * 2**30 == per_step * (4 if dtype == "float32" else 2)
     rows = result["rows"]
     assert rows[0]["context"] == 48
-    for mode in ("engine-append", "engine-prepend", "hf-append", "hf-prepend", "engine-none"):
+    for mode in ("engine-append", "engine-prepend", "hf-append", "hf-prepend", "engine-none",
+                 "compiled-append"):
         assert rows[0][mode] > 0
+    compiled = rows[0]["detail"]["compiled-append"]
+    assert compiled["compile_s"] > 0 and not compiled["recompiled_in_timed_run"]
+    assert compiled["graph_steps"] == compiled["decode_steps"] > 0
 
 
 def test_ralm_e2e_batch_case_without_prepend(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -61,10 +62,13 @@ class DecodeGraph:
         pad_id: token fed to finished sequences (their output is ignored, their length unchanged).
         capture: record a CUDA graph on the first :meth:`step` (only on CUDA devices).
         warmup: eager static steps before capture (cuBLAS workspaces, lazy inits), on a side stream.
+        compiled: run the step compiled with torch.compile (:mod:`.compiled_step`; CPU only:
+            on CUDA the graph replay already removes the per-call cost). The first step
+            compiles (tens of seconds); :attr:`compile_s` records how long it took.
     """
 
     def __init__(self, body, head, cache: FlashBackCache, cache_kw: str, pad_id: int = 0, *,
-                 capture: bool = True, warmup: int = 2) -> None:
+                 capture: bool = True, warmup: int = 2, compiled: bool = False) -> None:
         self.body, self.head, self.cache, self.cache_kw = body, head, cache, cache_kw
         self.pad_id = int(pad_id)
         ring = cache.ring
@@ -82,6 +86,15 @@ class DecodeGraph:
         self._graph: Optional["torch.cuda.CUDAGraph"] = None
         self._logits: Optional[torch.Tensor] = None
         self.replays = 0
+        self._compiled = None
+        self.compile_s = 0.0  # the first compiled step: tracing and code generation
+        if compiled:
+            if self.device.type != "cpu":
+                raise ValueError("compiled decode steps are built for the CPU; on CUDA the "
+                                 "graph replay removes the per-call cost")
+            from .compiled_step import compile_step, layer_loop_step
+
+            self._compiled = compile_step(layer_loop_step(body, head, cache_kw))
 
     @property
     def captured(self) -> bool:
@@ -96,6 +109,13 @@ class DecodeGraph:
     def _static_step(self) -> torch.Tensor:
         ids = self._inputs[0].view(self.batch, 1)
         positions = self._inputs[1].view(self.batch, 1)
+        if self._compiled is not None:
+            first = self.compile_s == 0.0
+            start = time.perf_counter()
+            logits = self._compiled(ids, positions, self.cache, self._inputs[2].to(torch.int32))
+            if first:
+                self.compile_s = time.perf_counter() - start
+            return logits
         self.cache.step_counts = self._inputs[2].to(torch.int32)
         try:
             hidden = self.body(input_ids=ids, position_ids=positions,

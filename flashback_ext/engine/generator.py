@@ -49,7 +49,7 @@ class RALMGenerator:
         passage_positions: append mode with markers only: ``"before"`` gives ``<MARK_L> passage``
             the rotary positions just before the context's first token and ``<MARK_R>`` the one
             after its last; the new tokens follow ``<MARK_R>`` (the layout an adapter trained
-            with ``--passage-positions before`` expects, :func:`data.layout_positions`; not in
+            with ``--passage-positions before`` expects, :func:`flashback_ext.layout.layout_positions`; not in
             the paper). ``"after"``: the paper's contiguous positions.
         use_markers: wrap passages in ``<MARK_L> … <MARK_R>``; default: when the tokenizer has them.
         capacity: cache slots per sequence; default: enough for the prompt, the new tokens and
@@ -60,6 +60,10 @@ class RALMGenerator:
             between calls of the same batch size (capacity rounded up to 256 slots when not
             given) until :meth:`release_graphs`. ``True`` on the CPU runs the same static step
             eagerly (what the CPU tests check).
+        compile: CPU only: run that static decode step compiled by torch.compile
+            (:mod:`.compiled_step`). The first decode step of a new cache compiles it (tens of
+            seconds, reported as ``Timing.compile_s`` and left out of ``decode_s``); later calls
+            that fit the kept cache reuse it without recompiling.
     """
 
     def __init__(self, model, tokenizer, retriever=None, *, mode: str = "append", stride: int = 16,
@@ -67,7 +71,7 @@ class RALMGenerator:
                  use_markers: Optional[bool] = None, capacity: Optional[int] = None,
                  overflow: str = "error", sink: int = 0,
                  cuda_graphs: Optional[bool] = None, echo_tokens: int = 0,
-                 passage_positions: str = "after") -> None:
+                 passage_positions: str = "after", compile: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("stride", stride), ("query_tokens", query_tokens),
@@ -99,7 +103,15 @@ class RALMGenerator:
         self.device, self.dtype = param.device, param.dtype
         self.eos_ids = self._eos_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if compile and self.device.type != "cpu":
+            raise ValueError("compile=True builds a compiled CPU decode step; on CUDA the "
+                             "decode step is replayed as a CUDA graph (cuda_graphs)")
+        if compile and cuda_graphs is False:
+            raise ValueError("compile=True runs the static decode step: it needs cuda_graphs "
+                             "left at None or True")
+        self.compile = bool(compile)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.cuda_graphs = self.cuda_graphs or self.compile
         self._decoder: Optional[DecodeGraph] = None
 
     def release_graphs(self) -> None:
@@ -119,7 +131,7 @@ class RALMGenerator:
             cache = FlashBackCache.for_model(self.model, batch, slots, overflow=self.overflow,
                                              sink=self.sink)
             dec = self._decoder = DecodeGraph(self._body, self._head, cache, self._cache_kw,
-                                              self.pad_id)
+                                              self.pad_id, compiled=self.compile)
         dec.cache.reset()
         return dec.cache, dec
 
@@ -335,6 +347,7 @@ class RALMGenerator:
              stream, exclude_doc_ids, trace) -> list[GenerationResult]:
         start = time.perf_counter()
         cache, decoder = self._cache_for(len(tokens), self._capacity(tokens, max_new))
+        compiled_before = decoder is not None and decoder.compile_s > 0
         seqs = [SequenceState(list(t), len(t)) for t in tokens]
         timing = Timing()
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed, banned=self.markers or ())
@@ -364,5 +377,8 @@ class RALMGenerator:
                 logits = forward(self.blocks.retrieval(seqs, passages, cache.next_positions()))
             else:
                 logits = forward(Step("decode", [[s.tokens[-1]] if s.active else [] for s in seqs]))
+        if decoder is not None and decoder.compile_s and not compiled_before:
+            timing.compile_s = decoder.compile_s  # it ran in the first decode step
+            timing.decode_s -= decoder.compile_s
         timing.total_s = time.perf_counter() - start
         return [s.result(self.tokenizer, timing) for s in seqs]

@@ -29,6 +29,7 @@ class Timing:
     graph_steps: int = 0  # decode steps run by the DecodeGraph (CUDA replays; its static step elsewhere)
     retrievals: int = 0
     block_tokens: int = 0  # tokens forwarded in retrieval blocks, the whole batch
+    compile_s: float = 0.0  # compiling the decode step (compile=True), not part of decode_s
 
     @property
     def ms_per_token(self) -> float:

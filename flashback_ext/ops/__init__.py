@@ -41,10 +41,20 @@ _SUPPORTED = {
 _warned: set[tuple[str, str, torch.dtype]] = set()
 
 
-def _has_kernel(op: str, dispatch_key: str) -> bool:
+def _query_kernel(op: str, dispatch_key: str) -> bool:
     if _EXTENSION_ERROR is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"flashback::{op}", dispatch_key)
+
+
+# read once: the extension registers its kernels at import, and a table lookup (unlike the
+# dispatcher query) is traceable, so torch.compile keeps the wrappers in its graph
+_KERNELS = {(op, key): _query_kernel(op, key)
+            for op in ("append_attention", "kv_append") for key in ("CPU", "CUDA")}
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return _KERNELS.get((op, dispatch_key), False)
 
 
 def has_cpu_ops() -> bool:
@@ -101,8 +111,11 @@ def _check_lengths(t: torch.Tensor, name: str, batch: int, device: torch.device)
 
 
 def _host_values(t: torch.Tensor) -> Optional[list[int]]:
-    """Values of a CPU length tensor; None for device tensors (checked by the cache instead)."""
-    return [int(x) for x in t.tolist()] if t.device.type == "cpu" else None
+    """Values of a CPU length tensor; None for device tensors and under torch.compile (both
+    checked by the cache instead: reading values would end the compiled graph)."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return [int(x) for x in t.tolist()]
 
 
 def _check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

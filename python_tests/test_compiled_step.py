@@ -1,0 +1,71 @@
+"""The compiled CPU decode step (RALMGenerator(compile=True)): the same tokens and logits as the
+eager engine, compiled once per cache and never again, refused where it does not apply."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from flashback_ext.engine.generator import RALMGenerator
+from flashback_ext.engine.models import tiny_llama
+
+from test_ralm import TEXTS, max_trace_error
+from toys import ByteTokenizer, ListRetriever
+
+PROMPTS = ["hello world, this is a longer prompt", "hi there"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(vocab_size=260, layers=2)
+
+
+def _engine(model, **kwargs):
+    tok = ByteTokenizer(markers=True)
+    return RALMGenerator(model, tok, ListRetriever(TEXTS, tok), mode="append", stride=5,
+                         query_tokens=8, passage_tokens=12, capacity=256, **kwargs)
+
+
+def test_compiled_step_equals_eager_and_compiles_once(tiny):
+    eager = _engine(tiny).generate(PROMPTS, max_new_tokens=12, trace=True, stop_on_eos=False)
+    gen = _engine(tiny, compile=True)
+    got = gen.generate(PROMPTS, max_new_tokens=12, trace=True, stop_on_eos=False)
+    assert got[0].timing.graph_steps > 0 and got[0].timing.compile_s > 0
+    for a, b in zip(got, eager):
+        assert a.token_ids == b.token_ids
+        assert [seq for seq, _ in a.trace] == [seq for seq, _ in b.trace]
+        for (_, la), (_, lb) in zip(a.trace, b.trace):
+            torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+    assert max_trace_error(tiny, got) <= 1e-3  # and equal to a from-scratch forward
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the step was compiled
+    # other prompts, lengths and retrievals on the kept cache: no new graph
+    again = gen.generate(["another prompt of another length", "x"], max_new_tokens=17,
+                         stop_on_eos=False)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert again[0].timing.compile_s == 0 and again[0].timing.graph_steps > 0
+
+
+def test_compiled_step_in_bf16_stays_within_bf16_error(tiny):
+    import copy
+
+    half = copy.deepcopy(tiny).to(torch.bfloat16)
+    got = _engine(half, compile=True).generate(PROMPTS, max_new_tokens=8, trace=True,
+                                               stop_on_eos=False)
+    worst_engine = worst_plain = 0.0
+    with torch.no_grad():
+        for r in got:
+            for (seq, logits), pos in zip(r.trace, r.trace_positions):
+                args = dict(position_ids=torch.tensor([pos]),
+                            attention_mask=torch.ones(1, len(seq), dtype=torch.long))
+                ref = tiny(torch.tensor([seq]), **args).logits[0, -1].float()
+                plain = half(torch.tensor([seq]), **args).logits[0, -1].float()
+                worst_engine = max(worst_engine, (logits - ref).abs().max().item())
+                worst_plain = max(worst_plain, (plain - ref).abs().max().item())
+    assert 0 < worst_engine <= 2 * worst_plain + 1e-3, (worst_engine, worst_plain)
+
+
+def test_compile_refusals(tiny):
+    with pytest.raises(ValueError, match="needs cuda_graphs left at None or True"):
+        _engine(tiny, compile=True, cuda_graphs=False)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="compiled CPU decode step"):
+            _engine(tiny_llama(vocab_size=260, layers=2).cuda(), compile=True)
