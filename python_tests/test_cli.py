@@ -346,3 +346,21 @@ def test_passage_length_follows_the_adapters_training_range(tmp_path, capsys, gi
     args = SimpleNamespace(passage_tokens=None)
     settle_passage_tokens(args, None)  # no adapter: the engine's default
     assert args.passage_tokens == 128
+
+
+def test_compile_flag_reaches_the_engine():
+    from flashback_ext.cli import build_parser
+    from flashback_ext.cli.common import make_generator
+
+    from toys import ByteTokenizer, ListRetriever
+
+    tok = ByteTokenizer()
+    model = tiny_llama(vocab_size=260, layers=1)
+    for argv, want in ((["generate", "--prompt", "x", "--compile"], True),
+                       (["generate", "--prompt", "x"], False)):
+        args = build_parser().parse_args(argv)
+        args.passage_tokens, args.echo_tokens = 8, 0  # what settle_passage_tokens fills in
+        gen = make_generator(args, model, tok, ListRetriever(["a passage"], tok), "append")
+        assert gen.compile is want and gen.cuda_graphs is want  # the static step, compiled
+    args = build_parser().parse_args(["demo", "--dtype", "bfloat16", "--compile"])
+    assert (args.model_dtype, args.compile) == ("bfloat16", True)

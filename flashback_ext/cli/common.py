@@ -57,6 +57,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--echo-tokens", type=int, default=None, metavar="K",
                    help="append mode: repeat the context's last K tokens after each passage "
                         "(default: what the append adapter was trained with, else 0)")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: run the decode step compiled by torch.compile (compiling takes "
+                        "tens of seconds per engine and batch size; decoding is faster after)")
     p.add_argument("--capacity", type=int, default=None, help="cache slots per sequence")
     p.add_argument("--overflow", choices=["error", "evict"], default="error")
 
@@ -213,6 +216,7 @@ def make_generator(args, model, tokenizer, retriever, mode: str):
                              query_tokens=args.query_tokens, passage_tokens=args.passage_tokens,
                              k=args.k, use_markers=False if args.no_markers else None,
                              capacity=args.capacity, overflow=args.overflow,
+                             compile=getattr(args, "compile", False),
                              echo_tokens=(args.echo_tokens or 0) if mode == "append" else 0,
                              passage_positions=(getattr(args, "passage_positions", "after")
                                                 if mode == "append" else "after"))
