@@ -72,8 +72,9 @@ def time_cuda(fn: Callable[[int], object], warmup: int = 3, repeats: int = 20) -
 
 
 # -------------------------------------------------------------------------------- ceilings
-def measure_ceilings(device: str) -> dict:
-    """Copy bandwidth (read+write bytes/s) and dense matmul rate on this device."""
+def measure_ceilings(device: str, cpu_dtype: torch.dtype = torch.float32) -> dict:
+    """Copy bandwidth (read+write bytes/s) and dense matmul rate on this device (on the CPU the
+    matmul in ``cpu_dtype``: bf16 runs on AMX/AVX512-BF16 units where the CPU has them)."""
     if device == "cuda":
         n = 1 << 28  # 512 MiB of bf16 per buffer: far beyond L2
         src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
@@ -90,9 +91,9 @@ def measure_ceilings(device: str) -> dict:
         dst = torch.empty_like(src)
         copy_ms = time_cpu({"copy": lambda: dst.copy_(src)})["copy"]
         m = 2048
-        a, b = torch.randn(m, m), torch.randn(m, m)
+        a, b = torch.randn(m, m, dtype=cpu_dtype), torch.randn(m, m, dtype=cpu_dtype)
         mm_ms = time_cpu({"mm": lambda: a @ b})["mm"]
-        matmul_dtype = "fp32"
+        matmul_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(cpu_dtype, str(cpu_dtype))
     return {
         "copy_GBps": 2 * src.numel() * src.element_size() / copy_ms / 1e6,
         "matmul_TFLOPs": 2 * m**3 / mm_ms / 1e9,

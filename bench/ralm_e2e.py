@@ -79,6 +79,19 @@ class IdTokenizer:
         return " ".join(map(str, ids))
 
 
+def cpu_name() -> str:
+    """The CPU's model name and whether it computes bf16 natively (which decides --dtype auto)."""
+    from flashback_ext.engine.models import cpu_has_bf16
+
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    cores = f", {len(names)} logical CPUs" if names else ""
+    return f"{names[0] if names else 'CPU'}{cores}, native bf16: {cpu_has_bf16()}"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -227,12 +240,12 @@ def main() -> None:
     default_dtype = "float32" if args.device == "cpu" else "bfloat16"
     dtype_name = args.dtype or default_dtype
     model = build_model(name, device, getattr(torch, dtype_name))
-    ceilings = measure_ceilings(args.device)
+    ceilings = measure_ceilings(args.device, getattr(torch, dtype_name))
     print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul "
           f"{ceilings['matmul_TFLOPs']:.1f} TFLOP/s ({ceilings['matmul_dtype']})", flush=True)
     weights = model_bytes(model)[0]
     rows = []
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     suffix = "" if dtype_name == default_dtype else f"_{dtype_name}"
     out = args.out or RESULTS / f"ralm_e2e_{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
