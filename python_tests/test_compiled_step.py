@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 from flashback_ext.engine.generator import RALMGenerator
 from flashback_ext.engine.models import tiny_llama
 
-from test_ralm import TEXTS, max_trace_error
+from test_ralm import TEXTS, low_precision_errors, max_trace_error
 from toys import ByteTokenizer, ListRetriever
 
 PROMPTS = ["hello world, this is a longer prompt", "hi there"]
@@ -50,16 +50,7 @@ def test_compiled_step_in_bf16_stays_within_bf16_error(tiny):
     half = copy.deepcopy(tiny).to(torch.bfloat16)
     got = _engine(half, compile=True).generate(PROMPTS, max_new_tokens=8, trace=True,
                                                stop_on_eos=False)
-    worst_engine = worst_plain = 0.0
-    with torch.no_grad():
-        for r in got:
-            for (seq, logits), pos in zip(r.trace, r.trace_positions):
-                args = dict(position_ids=torch.tensor([pos]),
-                            attention_mask=torch.ones(1, len(seq), dtype=torch.long))
-                ref = tiny(torch.tensor([seq]), **args).logits[0, -1].float()
-                plain = half(torch.tensor([seq]), **args).logits[0, -1].float()
-                worst_engine = max(worst_engine, (logits - ref).abs().max().item())
-                worst_plain = max(worst_plain, (plain - ref).abs().max().item())
+    worst_engine, worst_plain = low_precision_errors(tiny, half, got)
     assert 0 < worst_engine <= 2 * worst_plain + 1e-3, (worst_engine, worst_plain)
 
 

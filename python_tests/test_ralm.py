@@ -32,6 +32,23 @@ def max_trace_error(model, results) -> float:
     return worst
 
 
+@torch.no_grad()
+def low_precision_errors(reference, low, results) -> tuple[float, float]:
+    """``(engine, plain)``: the largest deviation from the ``reference`` model's logits of the
+    engine's traced logits and of a plain forward of the ``low``-precision copy, over every
+    traced step."""
+    worst_engine = worst_plain = 0.0
+    for r in results:
+        for (seq, logits), pos in zip(r.trace, r.trace_positions):
+            args = dict(position_ids=torch.tensor([pos]),
+                        attention_mask=torch.ones(1, len(seq), dtype=torch.long))
+            ref = reference(torch.tensor([seq]), **args).logits[0, -1].float()
+            plain = low(torch.tensor([seq]), **args).logits[0, -1].float()
+            worst_engine = max(worst_engine, (logits - ref).abs().max().item())
+            worst_plain = max(worst_plain, (plain - ref).abs().max().item())
+    return worst_engine, worst_plain
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_llama(vocab_size=260, layers=2)
@@ -176,16 +193,7 @@ def test_engine_in_bf16_is_as_exact_as_plain_bf16(tiny, mode):
                         query_tokens=8, passage_tokens=24)
     results = gen.generate(["hello world, this is a longer prompt", "hi"], max_new_tokens=12,
                            trace=True, stop_on_eos=False)
-    worst_engine = worst_plain = 0.0
-    with torch.no_grad():
-        for r in results:
-            for (seq, logits), pos in zip(r.trace, r.trace_positions):
-                args = dict(position_ids=torch.tensor([pos]),
-                            attention_mask=torch.ones(1, len(seq), dtype=torch.long))
-                ref = tiny(torch.tensor([seq]), **args).logits[0, -1].float()
-                plain = half(torch.tensor([seq]), **args).logits[0, -1].float()
-                worst_engine = max(worst_engine, (logits - ref).abs().max().item())
-                worst_plain = max(worst_plain, (plain - ref).abs().max().item())
+    worst_engine, worst_plain = low_precision_errors(tiny, half, results)
     assert worst_plain > 0  # bf16 really is coarser than the reference
     assert worst_engine <= 2 * worst_plain + 1e-3, (worst_engine, worst_plain)
 
