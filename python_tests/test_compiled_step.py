@@ -60,3 +60,22 @@ def test_compile_refusals(tiny):
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="compiled CPU decode step"):
             _engine(tiny_llama(vocab_size=260, layers=2).cuda(), compile=True)
+
+
+def test_a_failing_compiled_step_falls_back_to_eager(tiny, caplog):
+    # the reference: the eager static step after the same warm-up call on its kept cache
+    static = _engine(tiny, cuda_graphs=True)
+    static.generate(PROMPTS, max_new_tokens=2, stop_on_eos=False)
+    want = static.generate(PROMPTS, max_new_tokens=8, stop_on_eos=False)
+    gen = _engine(tiny, compile=True)
+    gen.generate(PROMPTS, max_new_tokens=2, stop_on_eos=False)  # builds the kept decoder
+
+    def broken(ids, positions, cache, counts):
+        cache.step_counts = counts  # fails half-way, as a recompile-limit error would not
+        raise RuntimeError("recompile limit")
+
+    gen._decoder._compiled = broken
+    got = gen.generate(PROMPTS, max_new_tokens=8, stop_on_eos=False)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert "decoding eagerly" in caplog.text and gen._decoder._compiled is None
+    assert gen._decoder.cache.step_counts is None

@@ -42,7 +42,8 @@ def layer_loop_step(body, head, cache_kw: str) -> Callable:
 
 def compile_step(step: Callable, freeze: bool = True) -> Callable:
     """``torch.compile`` the step as one static graph (``fullgraph``: a graph break is an error,
-    not a silent slowdown). ``freeze``: inductor treats the weights as constants (prepacked
+    which :class:`~.cuda_graph.DecodeGraph` turns into a warning and eager steps, not a silent
+    slowdown). ``freeze``: inductor treats the weights as constants (prepacked
     oneDNN projections); the model's weights must then not change while the step is in use."""
     import torch._inductor.config as inductor_config
 

@@ -112,7 +112,17 @@ class DecodeGraph:
         if self._compiled is not None:
             first = self.compile_s == 0.0
             start = time.perf_counter()
-            logits = self._compiled(ids, positions, self.cache, self._inputs[2].to(torch.int32))
+            try:
+                logits = self._compiled(ids, positions, self.cache,
+                                        self._inputs[2].to(torch.int32))
+            except Exception as exc:  # noqa: BLE001 - e.g. dynamo's recompile limit: go eager
+                logger.warning("flashback_ext: the compiled decode step failed (%s); decoding "
+                               "eagerly from now on", str(exc).splitlines()[0] if str(exc) else exc)
+                self._compiled = None
+                self.cache.ring.sync_device()  # undo what a partial run advanced
+                return self._static_step()
+            finally:
+                self.cache.step_counts = None
             if first:
                 self.compile_s = time.perf_counter() - start
             return logits

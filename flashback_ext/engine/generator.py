@@ -63,7 +63,8 @@ class RALMGenerator:
         compile: CPU only: run that static decode step compiled by torch.compile
             (:mod:`.compiled_step`). The first decode step of a new cache compiles it (tens of
             seconds, reported as ``Timing.compile_s`` and left out of ``decode_s``); later calls
-            that fit the kept cache reuse it without recompiling.
+            that fit the kept cache reuse it without recompiling. The weights are frozen into
+            the compiled step: do not change them in place while the engine is in use.
     """
 
     def __init__(self, model, tokenizer, retriever=None, *, mode: str = "append", stride: int = 16,

@@ -193,6 +193,7 @@ def load_model(
         # the name peft writes into adapters (base_model_name_or_path): the public one, not
         # this machine's cache folder
         model.config._name_or_path = DEFAULT_MODEL_ID
+        model.name_or_path = DEFAULT_MODEL_ID  # what peft reads
     return model, tokenizer
 
 

@@ -1,7 +1,8 @@
 """A FlashBack adapter folder: saved, found, checked and loaded.
 
 A folder holds peft's LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``; the
-two marker rows of the embedding as trainable-token deltas), the tokenizer with the markers, and
+two marker rows of the embedding as trainable-token deltas), the tokenizer with the markers (or
+none: then the base model's tokenizer plus the markers, as for the shipped adapter), and
 ``flashback_run.json``: the training settings (layout, markers, echo, passage positions, passage
 length), the base model's signature and the run's numbers. Training, distillation, evaluation
 and the CLI read adapters only through this module.
@@ -130,10 +131,10 @@ def _adapter_tokenizer(folder: Path, model, tokenizer):
 
     name = str(getattr(model.config, "_name_or_path", "") or "")
     try:
-        base = model_folder(name)
+        base = model_folder(name) if name else None
     except FileNotFoundError:
         base = Path(name)
-    if not (base / "tokenizer_config.json").exists():
+    if base is None or not (base / "tokenizer_config.json").exists():
         raise AdapterError(f"adapter {folder} has no tokenizer of its own and the base model "
                            f"({name!r}) none either: pass the base model's tokenizer")
     return AutoTokenizer.from_pretrained(base)

@@ -122,7 +122,11 @@ def load_teacher_targets(model, examples: Sequence[Example], teacher_dir, top_k:
     weights = folder / "adapter_model.safetensors"
     if not weights.exists():
         raise AdapterError(f"no adapter weights at {weights}")
-    if _plain_vocab(AutoTokenizer.from_pretrained(folder)) != _plain_vocab(student_tokenizer):
+    # the teacher's own tokenizer; a folder without one (the shipped adapter) uses the base's
+    own = (folder / "tokenizer_config.json").exists()
+    teacher_vocab = _plain_vocab(AutoTokenizer.from_pretrained(folder)) if own else \
+        _plain_vocab(student_tokenizer)
+    if teacher_vocab != _plain_vocab(student_tokenizer):
         raise AdapterError(f"teacher adapter {folder} has another vocabulary than the student's "
                            f"tokenizer: its token ids would mean other tokens")
     settings = info["settings"]
