@@ -28,8 +28,7 @@ class Collator:
     def __init__(self, layout: str, markers: Optional[tuple[int, int]], pad_id: int = 0,
                  echo: int = 0, passage_positions: str = "after") -> None:
         self.spec = Layout(layout, markers, echo, passage_positions)  # validates
-        self.layout, self.markers, self.pad_id, self.echo = layout, markers, pad_id, echo
-        self.passage_positions = passage_positions
+        self.pad_id = pad_id
 
     def __call__(self, batch_in: Sequence[Example]) -> dict[str, torch.Tensor]:
         rows = [self.spec.tokens(ex.src, ex.e, ex.tgt) for ex in batch_in]
@@ -43,7 +42,7 @@ class Collator:
             labels[i, pad + start:] = torch.tensor(ids[start:])
             mask[i, pad:] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-        if self.passage_positions != "after":  # else the model's own 0, 1, 2... (and padding)
+        if self.spec.before:  # else the model's own 0, 1, 2... (and padding)
             positions = torch.zeros((len(rows), width), dtype=torch.long)
             for i, ex in enumerate(batch_in):
                 pos = self.spec.positions(ex.src, ex.e, ex.tgt)
