@@ -9,7 +9,10 @@ The package in layers, each importing only those above it in this list:
   two marking tokens;
 * :mod:`flashback_ext.engine`: :func:`patch_model`, :class:`FlashBackCache`,
   :class:`RALMGenerator`, retrieval, :func:`load_model` (the embedded SmolLM2 default);
-* :mod:`flashback_ext.pipeline`: the paper's LoRA training and perplexity evaluation;
+* :mod:`flashback_ext.pipeline`: the paper's LoRA training and perplexity evaluation, and the
+  merged export for serving engines;
+* :mod:`flashback_ext.serving`: the RALM loop on vLLM (in process or a server's URL), whose
+  prefix cache reuses the append layout's context;
 * :mod:`flashback_ext.cli`: the ``flashback`` command.
 
 docs/DESIGN.md describes the data flow and the op contracts.

@@ -12,6 +12,7 @@ LAYERS = [("flashback_ext.ops", "flashback_ext._C"),
           ("flashback_ext.layout", "flashback_ext.marking"),
           ("flashback_ext.engine",),
           ("flashback_ext.pipeline",),
+          ("flashback_ext.serving",),
           ("flashback_ext.cli",)]
 MAX_LINES = 500
 

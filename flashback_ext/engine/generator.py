@@ -20,6 +20,7 @@ from ..layout import MARK_L, MARK_R, Layout
 from .blocks import AppendBlocks, Step, block_builder
 from .cuda_graph import DecodeGraph
 from .hf import FlashBackCache, cache_kwarg_name, patch_model
+from .passages import PassageFetcher
 from .results import GenerationResult, RetrievalRecord, Timing
 from .sampling import Sampler
 from .sequence import SequenceState
@@ -97,6 +98,8 @@ class RALMGenerator:
         self.layout = Layout(mode, self.markers, echo_tokens, passage_positions)  # validates
         self.echo_tokens, self.passage_positions = echo_tokens, passage_positions
         self.blocks = block_builder(self.layout, stride)
+        self.passages = PassageFetcher(tokenizer, retriever, self.layout, k=k,
+                                       query_tokens=query_tokens, passage_tokens=passage_tokens)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._body, self._head = base.model, base.get_output_embeddings()
         self._cache_kw = cache_kwarg_name(self._body)
@@ -147,35 +150,7 @@ class RALMGenerator:
 
     def passage_block(self, hits) -> list[int]:
         """Token ids of ``E``: the hits' passages (each cut to ``passage_tokens``), with markers."""
-        ids: list[int] = []
-        for hit in hits:
-            p = hit.passage
-            tokens = p.token_ids
-            # an index built with another tokenizer: its ids would be garbage for this model
-            if not tokens or self.tokenizer.decode(tokens).strip() != p.text:
-                tokens = self.tokenizer.encode(p.text, add_special_tokens=False)
-            ids += list(tokens[: self.passage_tokens])
-        return self.layout.marked(ids)
-
-    def _retrieve(self, seqs: list[SequenceState], generated: int, timing: Timing,
-                  exclude_doc_ids) -> list[list[int]]:
-        """One search per sequence (the last ``query_tokens`` tokens as the query); returns each
-        one's ``E`` and logs the retrieval of the active ones."""
-        t0 = time.perf_counter()
-        queries = [self.tokenizer.decode(s.tokens[-self.query_tokens:], skip_special_tokens=True)
-                   for s in seqs]
-        excl = None if exclude_doc_ids is None else [list(exclude_doc_ids)] * len(seqs)
-        hits = self.retriever.search_batch(queries, self.k, exclude_doc_ids=excl)
-        passages = []
-        for s, query, h in zip(seqs, queries, hits):
-            passages.append(self.passage_block(h))
-            if s.active:
-                s.retrievals.append(RetrievalRecord(generated, query, [x.passage.id for x in h],
-                                                    [x.passage.title for x in h],
-                                                    [x.score for x in h]))
-        timing.retrieval_s += time.perf_counter() - t0
-        timing.retrievals += 1
-        return passages
+        return self.passages.block(hits)
 
     def _step(self, step: Step, seqs: list[SequenceState], cache: FlashBackCache,
               decoder: Optional[DecodeGraph], timing: Timing,
@@ -356,7 +331,7 @@ class RALMGenerator:
         def forward(step: Step) -> list[Optional[torch.Tensor]]:
             return self._step(step, seqs, cache, decoder, timing, trace)
 
-        passages = self._retrieve(seqs, 0, timing, exclude_doc_ids) if self.blocks.retrieves else None
+        passages = self.passages.fetch(seqs, 0, timing, exclude_doc_ids) if self.blocks.retrieves else None
         for step in self.blocks.prompt(seqs, passages):
             logits = forward(step)
         for generated in range(1, max_new + 1):
@@ -374,7 +349,7 @@ class RALMGenerator:
             if not any(s.active for s in seqs) or generated == max_new:
                 break
             if self.blocks.retrieves and generated % self.stride == 0:
-                passages = self._retrieve(seqs, generated, timing, exclude_doc_ids)
+                passages = self.passages.fetch(seqs, generated, timing, exclude_doc_ids)
                 logits = forward(self.blocks.retrieval(seqs, passages, cache.next_positions()))
             else:
                 logits = forward(Step("decode", [[s.tokens[-1]] if s.active else [] for s in seqs]))

@@ -3,6 +3,7 @@ sequence, its retrievals and the batch's timing breakdown."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -16,6 +17,9 @@ class RetrievalRecord:
     passage_ids: list[int]
     titles: list[str]
     scores: list[float]
+    # the vLLM driver: prompt tokens of this cycle's request that the engine's prefix cache
+    # served (None: the engine did not say, or the HF engine, which keeps its own cache)
+    cached_tokens: Optional[int] = None
 
 
 @dataclass
@@ -30,6 +34,11 @@ class Timing:
     retrievals: int = 0
     block_tokens: int = 0  # tokens forwarded in retrieval blocks, the whole batch
     compile_s: float = 0.0  # compiling the decode step (compile=True), not part of decode_s
+    # the vLLM driver: time waiting for the engine's requests (prefill and decode, which it does
+    # not split), prompt tokens sent and those its prefix cache served (when it reports them)
+    engine_s: float = 0.0
+    prompt_tokens_sent: int = 0
+    cached_tokens: int = 0
 
     @property
     def ms_per_token(self) -> float:
