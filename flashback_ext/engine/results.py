@@ -37,6 +37,7 @@ class Timing:
     # the vLLM driver: time waiting for the engine's requests (prefill and decode, which it does
     # not split), prompt tokens sent and those its prefix cache served (when it reports them)
     engine_s: float = 0.0
+    engine_cycle_s: list[float] = field(default_factory=list)  # per retrieval cycle
     prompt_tokens_sent: int = 0
     cached_tokens: int = 0
 

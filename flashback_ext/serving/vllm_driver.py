@@ -179,7 +179,8 @@ class VLLMGenerator:
                                 banned=list(self.markers or ()))
             t0 = time.perf_counter()
             outs = self.transport.complete(requests, sampling)
-            timing.engine_s += time.perf_counter() - t0
+            timing.engine_cycle_s.append(time.perf_counter() - t0)
+            timing.engine_s += timing.engine_cycle_s[-1]
             timing.prompt_tokens_sent += sum(map(len, requests))
             for b, request, out in zip(live, requests, outs):
                 self._take(seqs[b], b, out, n, request, stop_on_eos, stream, retrieves, timing)
