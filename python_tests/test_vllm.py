@@ -261,3 +261,32 @@ def test_in_process_transport_without_vllm_says_what_to_do(export_dir):
         pytest.skip("vllm is importable in this python (the test is for one without it)")
     with pytest.raises(EngineError, match="make vllm-env"):
         InProcessTransport(export_dir)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def test_cli_generate_on_the_server(export_dir, server, tok, capsys):
+    from flashback_ext.cli import main
+
+    prompt = "What does the yield statement do in a Python function?"
+    assert main(["generate", "--backend", "vllm", "--server", server.url, "--export",
+                 str(export_dir), "--prompt", prompt, "--max-new-tokens", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(prompt) and len(out) > len(prompt) + 10
+    assert err.count("[retrieval after") == 2 and "prefix cache served" in err
+    assert "[append, vllm]" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--server", "http://127.0.0.1:9"], "need --backend vllm"),
+    (["--backend", "vllm", "--compile"], "options of --backend hf"),
+    (["--backend", "vllm", "--server", "http://127.0.0.1:9"], "unreachable"),
+    (["--backend", "vllm", "--export", "/nonexistent/export"], "not a FlashBack export"),
+])
+def test_cli_backend_errors_are_one_line(export_dir, flags, message, capsys):
+    from flashback_ext.cli import main
+
+    if "--export" not in flags:
+        flags = flags + ["--export", str(export_dir)]
+    assert main(["generate", "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

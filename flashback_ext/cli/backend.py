@@ -181,7 +181,7 @@ def cmd_generate_vllm(args, prompts: list[str]) -> int:
 
 def cmd_demo_vllm(args, questions: list[str]) -> int:
     """``flashback demo --backend vllm``: the demo's questions, append vs prepend, on vLLM."""
-    from .common import as_prompt, make_retriever
+    from .common import as_prompt, make_retriever, print_answers
 
     folder = exported_checkpoint(args)
     settle_export_settings(args, folder)
@@ -202,15 +202,7 @@ def cmd_demo_vllm(args, questions: list[str]) -> int:
             text = tok.decode(tok.encode(topics["compound"])[: args.long_context])
             long = {mode: gen.generate(text, max_new_tokens=args.stride * 3, stop_on_eos=False)
                     for mode, gen in gens.items()}
-    for i, q in enumerate(questions):
-        print("\n" + "=" * 78)
-        print(q)
-        for mode in ("append", "prepend"):
-            r = results[mode][i]
-            titles = ", ".join(dict.fromkeys(t for rec in r.retrievals for t in rec.titles))
-            print(f"--- {mode} (passages from: {titles})")
-            print(r.text.strip())
-    print("\n" + "=" * 78)
+    print_answers(questions, results)
     print(f"timing on vLLM, {len(questions)} prompts as concurrent requests, "
           f"{args.max_new_tokens} new tokens, retrieval every {args.stride} tokens:")
     for mode in ("append", "prepend"):

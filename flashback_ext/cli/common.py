@@ -13,7 +13,8 @@ from typing import Optional
 __all__ = ["CliError", "DEFAULT_PASSAGE_TOKENS", "as_prompt", "add_model_args",
            "add_retrieval_args", "add_engine_args", "add_adapter_arg", "add_dtype_arg", "load_base",
            "process_device", "is_main_process", "adapter_path", "settle_passage_tokens",
-           "append_model", "make_retriever", "make_generator", "guarded", "describe_device"]
+           "append_model", "make_retriever", "make_generator", "guarded", "print_answers",
+           "describe_device"]
 
 
 class CliError(Exception):
@@ -232,6 +233,19 @@ def guarded(run):
         return run()
     except (ValueError, CacheOverflowError) as exc:
         raise CliError(str(exc).splitlines()[0]) from None
+
+
+def print_answers(questions, results) -> None:
+    """The demo's answers: each question, then each mode's text and its passages' titles."""
+    for i, q in enumerate(questions):
+        print("\n" + "=" * 78)
+        print(q)
+        for mode in ("append", "prepend"):
+            r = results[mode][i]
+            titles = ", ".join(dict.fromkeys(t for rec in r.retrievals for t in rec.titles))
+            print(f"--- {mode} (passages from: {titles})")
+            print(r.text.strip())
+    print("\n" + "=" * 78)
 
 
 def describe_device(model) -> str:

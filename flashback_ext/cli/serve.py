@@ -22,6 +22,7 @@ from .common import (
     load_base,
     make_generator,
     make_retriever,
+    print_answers,
     settle_passage_tokens,
 )
 
@@ -118,15 +119,7 @@ def cmd_demo(args) -> int:
         results[mode] = guarded(lambda gen=gen: (
             gen.generate(prompts[:1], max_new_tokens=2),  # warm-up
             gen.generate(prompts, max_new_tokens=args.max_new_tokens))[1])
-    for i, q in enumerate(questions):
-        print("\n" + "=" * 78)
-        print(q)
-        for mode in ("append", "prepend"):
-            r = results[mode][i]
-            titles = ", ".join(dict.fromkeys(t for rec in r.retrievals for t in rec.titles))
-            print(f"--- {mode} (passages from: {titles})")
-            print(r.text.strip())
-    print("\n" + "=" * 78)
+    print_answers(questions, results)
     print(f"timing, {len(questions)} prompts batched, {args.max_new_tokens} new tokens, "
           f"retrieval every {args.stride} tokens:")
     for mode in ("append", "prepend"):
