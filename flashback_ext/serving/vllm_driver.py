@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from ..engine.passages import PassageFetcher
+from ..engine.passages import PassageFetcher, check_loop_settings, markers_to_use
 from ..engine.results import GenerationResult, Timing
 from ..engine.sequence import SequenceState
 from ..layout import MARK_L, MARK_R, Layout
@@ -60,21 +60,10 @@ class VLLMGenerator:
                  stride: int = 16, query_tokens: int = 32, passage_tokens: int = 128, k: int = 1,
                  use_markers: Optional[bool] = None, echo_tokens: int = 0,
                  eos_ids: Optional[set[int]] = None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        for name, value in (("stride", stride), ("query_tokens", query_tokens),
-                            ("passage_tokens", passage_tokens), ("k", k)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if mode != "none" and retriever is None:
-            raise ValueError(f"mode={mode!r} needs a retriever (or use mode='none')")
-        vocab = tokenizer.get_vocab()
-        has_markers = MARK_L in vocab and MARK_R in vocab
-        if use_markers and not has_markers:
-            raise ValueError(f"use_markers=True but the tokenizer has no {MARK_L}/{MARK_R} tokens "
-                             f"(serve a `flashback export` checkpoint)")
-        self.use_markers = has_markers if use_markers is None else use_markers
-        self.markers = (vocab[MARK_L], vocab[MARK_R]) if self.use_markers else None
+        check_loop_settings(mode, MODES, retriever, stride=stride, query_tokens=query_tokens,
+                            passage_tokens=passage_tokens, k=k)
+        self.markers = markers_to_use(tokenizer, use_markers, "serve a `flashback export` checkpoint")
+        self.use_markers = self.markers is not None
         self.layout = Layout(mode, self.markers, echo_tokens if mode == "append" else 0)
         self.transport, self.tokenizer, self.retriever, self.mode = transport, tokenizer, retriever, mode
         self.stride, self.query_tokens, self.passage_tokens, self.k = stride, query_tokens, passage_tokens, k
