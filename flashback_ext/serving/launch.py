@@ -44,11 +44,13 @@ class VLLMServer:
     ``dtype``, ``max_model_len`` and ``block_size`` go to vLLM (32 is the CPU backend's
     smallest efficient block: the prefix cache reuses whole blocks); ``threads`` sets
     ``OMP_NUM_THREADS`` and, on the CPU, binds vLLM's threads to cores ``0..threads-1``;
+    ``enforce_eager=False`` lets vLLM compile its model (a minute or more of start-up here);
     ``extra_args`` are more ``vllm serve`` flags (``--tensor-parallel-size 2`` on GPUs)."""
 
     def __init__(self, model, *, port: Optional[int] = None, dtype: str = "float32",
                  max_model_len: int = 4096, block_size: int = 32, kv_cache_gb: int = 1,
-                 threads: Optional[int] = None, startup_timeout: float = 300.0,
+                 threads: Optional[int] = None, enforce_eager: bool = True,
+                 startup_timeout: float = 300.0,
                  extra_args: tuple = (), log_path=None, python=None) -> None:
         self.python = Path(python) if python else vllm_python()
         if self.python is None:
@@ -62,7 +64,8 @@ class VLLMServer:
                      "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                      "--dtype", dtype, "--max-model-len", str(max_model_len),
                      "--block-size", str(block_size), "--enable-prefix-caching",
-                     "--enable-prompt-tokens-details", "--enforce-eager", *extra_args]
+                     "--enable-prompt-tokens-details",
+                     *(["--enforce-eager"] if enforce_eager else []), *extra_args]
         self.env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gb))
         if threads:
             self.env.update(OMP_NUM_THREADS=str(threads),
