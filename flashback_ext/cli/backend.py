@@ -21,9 +21,11 @@ def add_backend_args(p) -> None:
                         "on vLLM, whose prefix cache reuses the append context (it serves one "
                         "checkpoint, the merged export, for every mode)")
     p.add_argument("--server", default=None, metavar="URL",
-                   help="vllm backend: an OpenAI-compatible server of the export (`vllm serve "
-                        "EXPORT --enable-prefix-caching`); default: vLLM in this process, or a "
-                        "local server from the vLLM environment (make vllm-env)")
+                   help="vllm backend: an OpenAI-compatible server of the export (`python -m "
+                        "vllm.entrypoints.openai.api_server --model EXPORT "
+                        "--enable-prefix-caching --enable-prompt-tokens-details`); default: vLLM "
+                        "in this process, or a local server from the vLLM environment "
+                        "(make vllm-env)")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="vllm backend: a `flashback export` folder (default: --adapter exported "
                         "once into the cache dir)")
@@ -131,6 +133,7 @@ def vllm_generators(args, folder: Path, retriever_for):
                     folder, retriever if mode != "none" else None, transport=transport,
                     mode=mode, stride=args.stride, query_tokens=args.query_tokens,
                     passage_tokens=args.passage_tokens, k=args.k,
+                    echo_tokens=args.echo_tokens if mode == "append" else None,
                     use_markers=False if args.no_markers else None)
 
             yield make
@@ -138,11 +141,17 @@ def vllm_generators(args, folder: Path, retriever_for):
             raise CliError(str(exc).splitlines()[0]) from None
 
 
+def cached_note(t) -> str:
+    """The prefix cache's share of the prompt tokens, or why it is unknown."""
+    if not t.cached_reported:
+        return "prefix-cache hits not reported (start the server with --enable-prompt-tokens-details)"
+    return f"{t.cached_tokens} of {t.prompt_tokens_sent} prompt tokens from the prefix cache"
+
+
 def print_vllm_timing(mode: str, results) -> None:
     t = results[0].timing
     print(f"  {mode:<8} total {t.total_s:6.2f} s | engine {t.engine_s:6.2f} s over "
-          f"{t.retrievals or 1} cycles | prompt tokens sent {t.prompt_tokens_sent}, served by the "
-          f"prefix cache {t.cached_tokens} | search {t.retrieval_s * 1e3:5.1f} ms")
+          f"{t.retrievals or 1} cycles | {cached_note(t)} | search {t.retrieval_s * 1e3:5.1f} ms")
 
 
 def _print_retrievals(results) -> None:
@@ -151,7 +160,8 @@ def _print_retrievals(results) -> None:
             print(f"  [retrieval after {rec.generated} tokens] query={rec.query[-60:]!r} -> "
                   + ", ".join(f"#{pid} {t} ({s:.2f})" for pid, t, s in
                               zip(rec.passage_ids, rec.titles, rec.scores))
-                  + f" | prefix cache served {rec.cached_tokens} tokens", file=sys.stderr)
+                  + ("" if rec.cached_tokens is None else
+                     f" | prefix cache served {rec.cached_tokens} tokens"), file=sys.stderr)
 
 
 def cmd_generate_vllm(args, prompts: list[str]) -> int:
@@ -174,8 +184,7 @@ def cmd_generate_vllm(args, prompts: list[str]) -> int:
     _print_retrievals(results)
     t = results[0].timing
     print(f"[{args.mode}, vllm] {t.total_s:.2f} s total, {t.retrievals} retrievals, "
-          f"{t.cached_tokens} of {t.prompt_tokens_sent} prompt tokens from the prefix cache",
-          file=sys.stderr)
+          f"{cached_note(t)}", file=sys.stderr)
     return 0
 
 

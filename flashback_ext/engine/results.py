@@ -40,6 +40,7 @@ class Timing:
     engine_cycle_s: list[float] = field(default_factory=list)  # per retrieval cycle
     prompt_tokens_sent: int = 0
     cached_tokens: int = 0
+    cached_reported: bool = False  # whether the engine reported its prefix-cache hits at all
 
     @property
     def ms_per_token(self) -> float:

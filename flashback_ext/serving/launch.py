@@ -72,34 +72,42 @@ class VLLMServer:
                             VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}")
         self.log_path = Path(log_path) if log_path else None
         self.proc: Optional[subprocess.Popen] = None
+        self._log = None
 
     def start(self) -> "VLLMServer":
-        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                where = f"; its log: {self.log_path}" if self.log_path else ""
-                raise EngineError(f"vllm serve {self.model} exited with status "
-                                  f"{self.proc.returncode} while starting{where}")
-            if self.healthy():
-                return self
-            time.sleep(1.0)
-        self.stop()
-        raise EngineError(f"vllm serve {self.model} was not healthy after "
-                          f"{self.startup_timeout:.0f} s")
+        self._log = open(self.log_path, "w") if self.log_path else None
+        self.proc = subprocess.Popen(self.args, env=self.env,
+                                     stdout=self._log or subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:  # whatever ends the wait (Ctrl-C too), the server must not outlive it
+            deadline = time.monotonic() + self.startup_timeout
+            while time.monotonic() < deadline:
+                status = self.proc.poll()
+                if status is not None:
+                    where = f"; its log: {self.log_path}" if self.log_path else ""
+                    raise EngineError(f"vllm serve {self.model} exited with status {status} "
+                                      f"while starting{where}")
+                if self.healthy():
+                    return self
+                time.sleep(1.0)
+            raise EngineError(f"vllm serve {self.model} was not healthy after "
+                              f"{self.startup_timeout:.0f} s")
+        except BaseException:
+            self.stop()
+            raise
 
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=2.0) as resp:
                 return resp.status == 200
-        except OSError:
+        except (OSError, ValueError):
             return False
 
     def stop(self) -> None:
         """Kill the server's process group (its engine core and workers too); bounded wait."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self.proc is None:
             return
         for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):

@@ -1,5 +1,6 @@
 """How the vLLM driver reaches an engine: vLLM's in-process ``LLM``, or any OpenAI-compatible
-completions server (``vllm serve DIR --enable-prefix-caching``).
+completions server (``python -m vllm.entrypoints.openai.api_server --model DIR
+--enable-prefix-caching --enable-prompt-tokens-details``).
 
 Both take prompts as token ids (so that the engine's prefix cache sees exactly the tokens the
 layout built: no re-tokenization) and return the new token ids, why the request ended and how
@@ -31,7 +32,7 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: Optional[int] = None
+    seeds: Optional[list[int]] = None  # one per request (sampling only)
     stop_token_ids: list[int] = field(default_factory=list)  # empty: never stop early
     banned: list[int] = field(default_factory=list)  # never sampled (the markers)
 
@@ -45,11 +46,6 @@ class Completion:
 
 # a logit bias of -100 is the most OpenAI's API accepts; far below any real logit gap
 _BAN = -100.0
-
-
-def _request_seed(seed: Optional[int], index: int) -> Optional[int]:
-    # each sequence of the batch its own stream, the same on every call with this seed
-    return None if seed is None else seed * 1_000_003 + index
 
 
 class InProcessTransport:
@@ -70,9 +66,14 @@ class InProcessTransport:
                               f"or serve the model and pass its URL (ServerTransport)") from None
         self._vllm = vllm
         self.model = str(Path(model).expanduser())
-        self.llm = vllm.LLM(model=self.model, tokenizer=self.model, dtype=dtype,
-                            max_model_len=max_model_len, enable_prefix_caching=True,
-                            enforce_eager=enforce_eager, **llm_kwargs)
+        try:
+            self.llm = vllm.LLM(model=self.model, tokenizer=self.model, dtype=dtype,
+                                max_model_len=max_model_len, enable_prefix_caching=True,
+                                enforce_eager=enforce_eager, **llm_kwargs)
+        except Exception as exc:  # vLLM's own errors are not ValueErrors: one clear type
+            raise EngineError(f"vLLM could not load {self.model}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                              ) from exc
 
     def _params(self, sampling: Sampling, index: int):
         return self._vllm.SamplingParams(
@@ -80,16 +81,21 @@ class InProcessTransport:
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else 0,
             top_p=sampling.top_p if not sampling.greedy else 1.0,
-            seed=_request_seed(sampling.seed, index),
-            stop_token_ids=list(sampling.stop_token_ids),
-            ignore_eos=not sampling.stop_token_ids,
+            seed=None if sampling.seeds is None else sampling.seeds[index],
+            # only the driver's stop ids end a request (vLLM would add the model's EOS ids)
+            stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True,
             logit_bias={int(t): _BAN for t in sampling.banned} or None,
             detokenize=False)
 
     def complete(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[Completion]:
         requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
-        outs = self.llm.generate(requests, [self._params(sampling, i) for i in range(len(prompts))],
-                                 use_tqdm=False)
+        try:
+            params = [self._params(sampling, i) for i in range(len(prompts))]
+            outs = self.llm.generate(requests, params, use_tqdm=False)
+        except Exception as exc:  # e.g. a prompt over max_model_len, temperature out of range
+            raise EngineError(f"vLLM refused the request: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                              ) from exc
         return [Completion(list(o.outputs[0].token_ids), o.outputs[0].finish_reason or "length",
                            o.num_cached_tokens) for o in outs]
 
@@ -99,7 +105,8 @@ class ServerTransport:
     ``/v1``): vLLM's ``vllm serve``, or SGLang's server. The batch's requests go concurrently.
 
     Prompts are sent as token ids; the new token ids come back from vLLM's ``return_token_ids``.
-    ``cached_tokens`` needs the server started with ``--enable-prompt-tokens-details``."""
+    ``cached_tokens`` needs the server started with ``--enable-prompt-tokens-details`` (else
+    None: not reported)."""
 
     name = "server"
 
@@ -157,16 +164,16 @@ class ServerTransport:
         body = {"model": self.model, "prompt": [int(t) for t in prompt],
                 "max_tokens": sampling.max_tokens, "return_token_ids": True,
                 "temperature": 0.0 if sampling.greedy else sampling.temperature,
-                "stop_token_ids": list(sampling.stop_token_ids),
-                "ignore_eos": not sampling.stop_token_ids, "skip_special_tokens": False,
+                # only the driver's stop ids end a request (vLLM would add the model's EOS ids)
+                "stop_token_ids": list(sampling.stop_token_ids), "ignore_eos": True,
+                "skip_special_tokens": False,
                 # explicit, else the server fills them from the model's generation_config.json
                 "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                 "min_p": 0.0}
         if not sampling.greedy:
             body.update(top_p=sampling.top_p, top_k=max(sampling.top_k, 0))
-        seed = _request_seed(sampling.seed, index)
-        if seed is not None:
-            body["seed"] = seed
+        if sampling.seeds is not None:
+            body["seed"] = sampling.seeds[index]
         if sampling.banned:
             body["logit_bias"] = {str(int(t)): _BAN for t in sampling.banned}
         return body

@@ -16,6 +16,7 @@ hits of every cycle in its retrieval records.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -41,6 +42,12 @@ def _eos_ids(tokenizer, folder: Optional[Path]) -> set[int]:
         extra = json.loads(path.read_text()).get("eos_token_id")
         found += list(extra) if isinstance(extra, (list, tuple)) else [extra]
     return {int(i) for i in found if i is not None}
+
+
+def _request_seed(seed: int, cycle: int, index: int) -> int:
+    """A request's sampling seed: its own stream per (seed, cycle, sequence), in int63."""
+    digest = hashlib.sha256(f"{seed}:{cycle}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class VLLMGenerator:
@@ -163,7 +170,8 @@ class VLLMGenerator:
             requests = [self._request(seqs[b], passages[b]) for b in live]
             sampling = Sampling(n, greedy=not do_sample, temperature=temperature, top_k=top_k,
                                 top_p=top_p,
-                                seed=None if seed is None else seed + 100_003 * cycle,
+                                seeds=None if seed is None else
+                                [_request_seed(seed, cycle, b) for b in live],
                                 stop_token_ids=sorted(self.eos_ids) if stop_on_eos else [],
                                 banned=list(self.markers or ()))
             t0 = time.perf_counter()
@@ -192,6 +200,7 @@ class VLLMGenerator:
         s.tokens += new
         if out.cached_tokens is not None:
             timing.cached_tokens += out.cached_tokens
+            timing.cached_reported = True
             if retrieves:
                 s.retrievals[-1].cached_tokens = out.cached_tokens
         if stream is not None:
