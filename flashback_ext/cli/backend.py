@@ -131,7 +131,7 @@ def vllm_generators(args, folder: Path, retriever_for):
                     retriever = retriever_for(tokenizer)
                 return VLLMGenerator.from_export(
                     folder, retriever if mode != "none" else None, transport=transport,
-                    mode=mode, stride=args.stride, query_tokens=args.query_tokens,
+                    mode=mode, tokenizer=tokenizer, stride=args.stride, query_tokens=args.query_tokens,
                     passage_tokens=args.passage_tokens, k=args.k,
                     echo_tokens=args.echo_tokens if mode == "append" else None,
                     use_markers=False if args.no_markers else None)
@@ -154,19 +154,9 @@ def print_vllm_timing(mode: str, results) -> None:
           f"{t.retrievals or 1} cycles | {cached_note(t)} | search {t.retrieval_s * 1e3:5.1f} ms")
 
 
-def _print_retrievals(results) -> None:
-    for r in results:
-        for rec in r.retrievals:
-            print(f"  [retrieval after {rec.generated} tokens] query={rec.query[-60:]!r} -> "
-                  + ", ".join(f"#{pid} {t} ({s:.2f})" for pid, t, s in
-                              zip(rec.passage_ids, rec.titles, rec.scores))
-                  + ("" if rec.cached_tokens is None else
-                     f" | prefix cache served {rec.cached_tokens} tokens"), file=sys.stderr)
-
-
 def cmd_generate_vllm(args, prompts: list[str]) -> int:
     """``flashback generate --backend vllm``."""
-    from .common import make_retriever
+    from .common import make_retriever, print_retrievals
 
     folder = exported_checkpoint(args)
     settle_export_settings(args, folder)
@@ -181,7 +171,7 @@ def cmd_generate_vllm(args, prompts: list[str]) -> int:
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for prompt, r in zip(prompts, results):
         print(f"{prompt}{r.text}")
-    _print_retrievals(results)
+        print_retrievals(r)
     t = results[0].timing
     print(f"[{args.mode}, vllm] {t.total_s:.2f} s total, {t.retrievals} retrievals, "
           f"{cached_note(t)}", file=sys.stderr)

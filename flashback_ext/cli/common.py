@@ -14,6 +14,7 @@ __all__ = ["CliError", "DEFAULT_PASSAGE_TOKENS", "as_prompt", "add_model_args",
            "add_retrieval_args", "add_engine_args", "add_adapter_arg", "add_dtype_arg", "load_base",
            "process_device", "is_main_process", "adapter_path", "settle_passage_tokens",
            "append_model", "make_retriever", "make_generator", "guarded", "print_answers",
+           "print_retrievals",
            "describe_device"]
 
 
@@ -233,6 +234,16 @@ def guarded(run):
         return run()
     except (ValueError, CacheOverflowError) as exc:
         raise CliError(str(exc).splitlines()[0]) from None
+
+
+def print_retrievals(result) -> None:
+    """One stderr line per retrieval of a result (with the prefix-cache hits where known)."""
+    for rec in result.retrievals:
+        print(f"  [retrieval after {rec.generated} tokens] query={rec.query[-60:]!r} -> "
+              + ", ".join(f"#{pid} {t} ({s:.2f})" for pid, t, s in
+                          zip(rec.passage_ids, rec.titles, rec.scores))
+              + ("" if rec.cached_tokens is None else
+                 f" | prefix cache served {rec.cached_tokens} tokens"), file=sys.stderr)
 
 
 def print_answers(questions, results) -> None:

@@ -23,6 +23,7 @@ from .common import (
     make_generator,
     make_retriever,
     print_answers,
+    print_retrievals,
     settle_passage_tokens,
 )
 
@@ -199,10 +200,7 @@ def cmd_generate(args) -> int:
     for prompt, r in zip(prompts, results):
         if stream is None:
             print(f"{prompt}{r.text}")
-        for rec in r.retrievals:
-            print(f"  [retrieval after {rec.generated} tokens] query={rec.query[-60:]!r} -> "
-                  + ", ".join(f"#{pid} {t} ({s:.2f})" for pid, t, s in zip(rec.passage_ids, rec.titles, rec.scores)),
-                  file=sys.stderr)
+        print_retrievals(r)
     t = results[0].timing
     print(f"[{args.mode}] {t.total_s:.2f} s total, {t.retrievals} retrievals, "
           f"{t.ms_per_token:.1f} ms/decode step", file=sys.stderr)

@@ -22,7 +22,7 @@ from .cuda_graph import DecodeGraph
 from .hf import FlashBackCache, cache_kwarg_name, patch_model
 from .passages import PassageFetcher, check_loop_settings, markers_to_use
 from .results import GenerationResult, RetrievalRecord, Timing
-from .sampling import Sampler
+from .sampling import Sampler, eos_token_ids
 from .sequence import SequenceState
 
 __all__ = ["RALMGenerator", "GenerationResult", "RetrievalRecord", "Timing", "MARK_L", "MARK_R"]
@@ -94,7 +94,8 @@ class RALMGenerator:
         self._cache_kw = cache_kwarg_name(self._body)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_token_ids(tokenizer.eos_token_id, getattr(
+            getattr(model, "generation_config", None), "eos_token_id", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if compile and self.device.type != "cpu":
             raise ValueError("compile=True builds a compiled CPU decode step; on CUDA the "
@@ -129,14 +130,6 @@ class RALMGenerator:
         return dec.cache, dec
 
     # ------------------------------------------------------------------------------ helpers
-    def _eos_ids(self) -> set[int]:
-        ids = self.tokenizer.eos_token_id
-        ids = ids if isinstance(ids, (list, tuple, set)) else [ids]
-        cfg = getattr(self.model, "generation_config", None)
-        extra = getattr(cfg, "eos_token_id", None)
-        extra = extra if isinstance(extra, (list, tuple, set)) else [extra]
-        return {int(i) for i in list(ids) + list(extra) if i is not None}
-
     def passage_block(self, hits) -> list[int]:
         """Token ids of ``E``: the hits' passages (each cut to ``passage_tokens``), with markers."""
         return self.passages.block(hits)

@@ -6,7 +6,16 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "eos_token_ids"]
+
+
+def eos_token_ids(tokenizer_eos, config_eos) -> set[int]:
+    """The tokens that end a sequence: the tokenizer's EOS and the generation config's (either
+    an id, a list of ids or None), as Hugging Face's generate stops on both."""
+    found: list = []
+    for ids in (tokenizer_eos, config_eos):
+        found += list(ids) if isinstance(ids, (list, tuple, set)) else [ids]
+    return {int(i) for i in found if i is not None}
 
 
 class Sampler:

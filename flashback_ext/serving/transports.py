@@ -44,6 +44,10 @@ class Completion:
     cached_tokens: Optional[int]  # prompt tokens served by the prefix cache (None: not reported)
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 # a logit bias of -100 is the most OpenAI's API accepts; far below any real logit gap
 _BAN = -100.0
 
@@ -71,9 +75,7 @@ class InProcessTransport:
                                 max_model_len=max_model_len, enable_prefix_caching=True,
                                 enforce_eager=enforce_eager, **llm_kwargs)
         except Exception as exc:  # vLLM's own errors are not ValueErrors: one clear type
-            raise EngineError(f"vLLM could not load {self.model}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                              ) from exc
+            raise EngineError(f"vLLM could not load {self.model}: {_first_line(exc)}") from exc
 
     def _params(self, sampling: Sampling, index: int):
         return self._vllm.SamplingParams(
@@ -93,9 +95,7 @@ class InProcessTransport:
             params = [self._params(sampling, i) for i in range(len(prompts))]
             outs = self.llm.generate(requests, params, use_tqdm=False)
         except Exception as exc:  # e.g. a prompt over max_model_len, temperature out of range
-            raise EngineError(f"vLLM refused the request: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                              ) from exc
+            raise EngineError(f"vLLM refused the request: {_first_line(exc)}") from exc
         return [Completion(list(o.outputs[0].token_ids), o.outputs[0].finish_reason or "length",
                            o.num_cached_tokens) for o in outs]
 

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from ..engine.passages import PassageFetcher, check_loop_settings, markers_to_use
 from ..engine.results import GenerationResult, Timing
+from ..engine.sampling import eos_token_ids
 from ..engine.sequence import SequenceState
 from ..layout import MARK_L, MARK_R, Layout
 from .transports import EngineError, InProcessTransport, Sampling, ServerTransport
@@ -35,13 +36,9 @@ MODES = ("append", "prepend", "none")
 
 def _eos_ids(tokenizer, folder: Optional[Path]) -> set[int]:
     """The tokenizer's EOS and the checkpoint's generation_config EOS ids (what HF stops on)."""
-    ids = tokenizer.eos_token_id
-    found = list(ids) if isinstance(ids, (list, tuple, set)) else [ids]
     path = None if folder is None else folder / "generation_config.json"
-    if path is not None and path.is_file():
-        extra = json.loads(path.read_text()).get("eos_token_id")
-        found += list(extra) if isinstance(extra, (list, tuple)) else [extra]
-    return {int(i) for i in found if i is not None}
+    config = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    return eos_token_ids(tokenizer.eos_token_id, config.get("eos_token_id"))
 
 
 def _request_seed(seed: int, cycle: int, index: int) -> int:
@@ -96,17 +93,18 @@ class VLLMGenerator:
 
     @classmethod
     def from_export(cls, folder, retriever=None, *, server: Optional[str] = None, transport=None,
-                    mode: str = "append", **overrides) -> "VLLMGenerator":
+                    mode: str = "append", tokenizer=None, **overrides) -> "VLLMGenerator":
         """The driver for an exported checkpoint: its tokenizer, its ``flashback.json`` settings
         (stride, query and passage lengths, echo; ``overrides`` win), and a transport: the given
-        one, a :class:`ServerTransport` to ``server``, else vLLM in this process."""
+        one, a :class:`ServerTransport` to ``server``, else vLLM in this process. ``tokenizer``:
+        the export's, when already loaded."""
         from transformers import AutoTokenizer
 
         from ..pipeline.export import read_export
 
         folder = Path(folder).expanduser()
         settings = read_export(folder)  # raises for an unmerged adapter or a plain folder
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
         ids = settings.get("marker_ids")
         if ids and [tokenizer.convert_tokens_to_ids(m) for m in (MARK_L, MARK_R)] != list(ids):
             raise EngineError(f"{folder}: the tokenizer's marker ids differ from flashback.json's "
@@ -162,8 +160,8 @@ class VLLMGenerator:
             live = [b for b, s in enumerate(seqs) if s.active]
             passages = (self.passages.fetch(seqs, generated, timing, exclude_doc_ids)
                         if retrieves else [[] for _ in seqs])
-            for b in live:
-                if retrieves and not seqs[b].retrievals[-1].passage_ids:
+            for b in live if retrieves else ():
+                if not seqs[b].retrievals[-1].passage_ids:
                     raise ValueError(f"the retriever returned no passage for prompt {b} (query "
                                      f"{seqs[b].retrievals[-1].query[-60:]!r}): an empty index, "
                                      f"or every document excluded")
@@ -179,16 +177,16 @@ class VLLMGenerator:
             timing.engine_cycle_s.append(time.perf_counter() - t0)
             timing.engine_s += timing.engine_cycle_s[-1]
             timing.prompt_tokens_sent += sum(map(len, requests))
-            for b, request, out in zip(live, requests, outs):
-                self._take(seqs[b], b, out, n, request, stop_on_eos, stream, retrieves, timing)
+            for b, out in zip(live, outs):
+                self._take(seqs[b], b, out, n, stop_on_eos, stream, retrieves, timing)
             generated += n
             cycle += 1
         timing.decode_steps = generated
         timing.total_s = time.perf_counter() - start
         return [s.result(self.tokenizer, timing) for s in seqs]
 
-    def _take(self, s: SequenceState, b: int, out, n: int, request: list[int], stop_on_eos: bool,
-              stream, retrieves: bool, timing: Timing) -> None:
+    def _take(self, s: SequenceState, b: int, out, n: int, stop_on_eos: bool, stream,
+              retrieves: bool, timing: Timing) -> None:
         """Append one request's new tokens to its sequence and note its prefix-cache hits."""
         new = [int(t) for t in out.token_ids[:n]]
         if len(new) < n and not (stop_on_eos and new and new[-1] in self.eos_ids):
