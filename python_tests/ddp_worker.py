@@ -26,7 +26,7 @@ def main(out: str, batch: int, steps: int, tied: bool) -> None:
     model = tiny_llama(vocab_size=len(tok), layers=2, hidden=32, heads=4, kv_heads=2,
                        tie_embeddings=tied)
     # no dropout: the processes would draw different masks than the single process does
-    settings = TrainSettings(steps=steps, batch_size=batch, lr=1e-2, marker_lr=3e-2,
+    settings = TrainSettings(precision="fp32", steps=steps, batch_size=batch, lr=1e-2, marker_lr=3e-2,
                              lora_dropout=0.0, warmup_ratio=0.0, save_steps=100, logging_steps=1)
     folder = train_adapter(model, tok, exs, out, settings=settings)
     print(json.dumps({"saved": str(folder)}))

@@ -222,6 +222,81 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     assert "trained on 16-token passages; --passage-tokens 20 is outside" in got.err
 
 
+def test_eval_sweeps_passage_lengths_into_one_table(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from toys import word_docs
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for doc_id, _, text in word_docs(n_docs=8, words_per_doc=300):
+        (docs / f"{doc_id}.txt").write_text(text)
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--corpus", str(docs),
+              "--budget", "64", "--stride", "8", "--query-tokens", "6",
+              "--max-train-examples", "16", "--max-eval-examples", "8", "--eval-fraction", "0.25"]
+    out = tmp_path / "adapter"
+    assert main(["train", *common, "--passage-tokens", "16", "--train-min-passage-tokens", "4",
+                 "--steps", "1", "--batch-size", "4", "--out", str(out)]) == 0
+    table = tmp_path / "sweep.json"
+    capsys.readouterr()
+    assert main(["eval", *common, "--passage-tokens", "9,16", "--rows", "N.,P.,A.+LoRA+M.T.",
+                 "--adapter", f"append_markers={out}", "--json", str(table)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(table.read_text())
+    assert data["passage_tokens"] == [9, 16] and [r["passage_tokens"] for r in data["runs"]] == [9, 16]
+    assert data["table"] in text and "| 9 | A.+LoRA+M.T. |" in data["table"]
+    for run in data["runs"]:
+        rows = {r["name"]: r for r in run["rows"]}
+        assert list(rows) == ["N.", "P.", "A.+LoRA+M.T."] and run["spec"]["passage_tokens"] == \
+            run["passage_tokens"]
+        for ref in ("N.", "P."):  # the ratio is the rows' perplexities', its interval around it
+            got = run["ratios"][ref]
+            assert got["ratio"] == pytest.approx(rows["A.+LoRA+M.T."]["ppl"] / rows[ref]["ppl"])
+            assert got["low"] <= got["ratio"] <= got["high"]
+        assert "P.+LoRA" not in run["ratios"]
+    # the two lengths score different held-out examples: retrieval cuts passages per length
+    assert data["runs"][0]["rows"][1]["ppl"] != data["runs"][1]["rows"][1]["ppl"]
+    for bad in ("7,7", "0", "x", ""):
+        with pytest.raises(SystemExit):
+            main(["eval", *common, "--passage-tokens", bad])
+    folder = tmp_path / "ex"
+    assert main(["examples", *common, "--passage-tokens", "16", "--out", str(folder)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_model_dir), "--examples", str(folder),
+                 "--passage-tokens", "8,16"]) == 2
+    assert "a --passage-tokens sweep builds its own examples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision,want", [("bf16", True), ("fp32", False)])
+def test_train_precision_is_chosen_and_recorded(tiny_model_dir, tmp_path, precision, want):
+    import json
+
+    from toys import word_docs
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for doc_id, _, text in word_docs(n_docs=6, words_per_doc=200):
+        (docs / f"{doc_id}.txt").write_text(text)
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--corpus", str(docs),
+                 "--budget", "64", "--passage-tokens", "16", "--stride", "8", "--query-tokens",
+                 "6", "--max-train-examples", "8", "--max-eval-examples", "4", "--steps", "1",
+                 "--precision", precision, "--out", str(out)]) == 0
+    info = json.loads((out / "flashback_run.json").read_text())
+    assert info["bf16"] is want and info["settings"]["precision"] == precision
+
+
+def test_training_precision_auto_follows_the_hardware():
+    from flashback_ext.engine.models import cpu_has_bf16
+    from flashback_ext.pipeline.train import training_bf16
+
+    assert training_bf16("auto", cuda=True) is True
+    assert training_bf16("auto", cuda=False) is cpu_has_bf16()
+    assert training_bf16("fp32", cuda=True) is False and training_bf16("bf16", cuda=False) is True
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
+        training_bf16("fp16", cuda=False)
+
+
 def test_exported_examples_train_and_score_without_the_corpus(tiny_model_dir, tmp_path, capsys):
     """`flashback examples --out DIR` then `--examples DIR`: the same examples and the same
     perplexities as building them from the corpus, with the corpus gone."""
@@ -324,9 +399,10 @@ def test_each_launched_process_loads_onto_its_own_gpu(monkeypatch):
     assert process_device(None, cuda=False) is None
 
 
-@pytest.mark.parametrize("given,want,note", [(None, 16, None), (10, 10, None), (4, 4, None),
-                                              (3, 3, "4-16"), (20, 20, "4-16")])
-def test_passage_length_follows_the_adapters_training_range(tmp_path, capsys, given, want, note):
+@pytest.mark.parametrize("given,want,warned", [(None, 16, False), (10, 10, False), (4, 4, False),
+                                                (3, 3, False), (16, 16, False), (17, 17, True),
+                                                (200, 200, True)])
+def test_passage_length_up_to_the_adapters_longest_is_fine(tmp_path, capsys, given, want, warned):
     import json
     from types import SimpleNamespace
 
@@ -342,7 +418,9 @@ def test_passage_length_follows_the_adapters_training_range(tmp_path, capsys, gi
     settle_passage_tokens(args, folder)
     assert args.passage_tokens == want
     err = capsys.readouterr().err
-    assert (f"trained on {note}-token passages" in err) if note else err == ""
+    # any length up to the longest trained one is fine; longer ones are used, with a warning
+    assert ("warning: the adapter was trained on passages of at most 16 tokens" in err) \
+        if warned else err == ""
     args = SimpleNamespace(passage_tokens=None)
     settle_passage_tokens(args, None)  # no adapter: the engine's default
     assert args.passage_tokens == 128

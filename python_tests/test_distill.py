@@ -45,7 +45,7 @@ def examples(tok):
 @pytest.fixture()
 def teacher_dir(tok, examples, tmp_path):
     """A prepend adapter trained a few steps at a high rate, so it differs from the base."""
-    settings = TrainSettings(layout="prepend", markers=False, steps=3, batch_size=4, lr=3e-2,
+    settings = TrainSettings(precision="fp32", layout="prepend", markers=False, steps=3, batch_size=4, lr=3e-2,
                              save_steps=100, warmup_ratio=0.0)
     return train_adapter(_model(tok, seed=1), tiny_hf_tokenizer(), examples,
                          tmp_path / "teacher", settings=settings)
@@ -118,7 +118,7 @@ def test_teacher_targets_are_the_teachers_own_top_k(tok, examples, teacher_dir, 
 def test_teacher_with_markers_never_proposes_a_marker_and_keeps_its_positions(tok, examples,
                                                                             tmp_path):
     # a teacher trained with the passage "before" is scored at those positions
-    settings = TrainSettings(layout="append", markers=True, steps=1, batch_size=4, lr=1e-2,
+    settings = TrainSettings(precision="fp32", layout="append", markers=True, steps=1, batch_size=4, lr=1e-2,
                              save_steps=100, passage_positions="before")
     folder = train_adapter(_model(tok), tiny_hf_tokenizer(), examples, tmp_path / "t",
                            settings=settings)
@@ -170,7 +170,7 @@ def test_training_loss_mixes_target_nll_and_teacher_cross_entropy(tok, examples,
             soft = -(q * p.gather(1, idx)).sum()
             total += float((1 - w) * hard + w * soft)
             count += len(ex.tgt)
-    settings = TrainSettings(steps=1, batch_size=4, lr=0.0, lora_dropout=0.0, warmup_ratio=0.0,
+    settings = TrainSettings(precision="fp32", steps=1, batch_size=4, lr=0.0, lora_dropout=0.0, warmup_ratio=0.0,
                              save_steps=100, distill_from=str(teacher_dir), distill_weight=w,
                              distill_top_k=top_k)
     folder = train_adapter(student, student_tok, exs, tmp_path / "student", settings=settings)
@@ -203,7 +203,7 @@ def test_teacher_cache_is_reused_only_for_the_same_teacher_examples_and_k(tok, e
 
 def test_distillation_bad_inputs(tok, examples, teacher_dir, tmp_path):
     def run(**extra):
-        settings = TrainSettings(steps=1, batch_size=4, save_steps=100, **extra)
+        settings = TrainSettings(precision="fp32", steps=1, batch_size=4, save_steps=100, **extra)
         return train_adapter(_model(tok), tiny_hf_tokenizer(), examples, tmp_path / "s",
                              settings=settings)
 

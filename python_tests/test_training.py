@@ -333,7 +333,7 @@ def test_warm_start_continues_from_a_saved_adapter(model, tok, setup, tmp_path):
     assert start and any(float(v.abs().max()) > 0 for n, v in start.items() if "lora_B" in n)
     # the second run starts exactly where the first ended: a zero learning rate keeps it there
     fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
-    zero = TrainSettings(layout="append", markers=True, steps=1, batch_size=4, lr=0.0,
+    zero = TrainSettings(precision="fp32", layout="append", markers=True, steps=1, batch_size=4, lr=0.0,
                          marker_lr=0.0, save_steps=100)
     out = train_adapter(fresh, fresh_tok, exs, tmp_path / "second", settings=zero, init_adapter=first)
     info = json.loads((out / "flashback_run.json").read_text())
@@ -346,7 +346,7 @@ def test_warm_start_continues_from_a_saved_adapter(model, tok, setup, tmp_path):
             assert torch.equal(param.detach(), start[name]), name
     # and with a real rate every LoRA matrix and the marker rows are trainable and move
     fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
-    moving = TrainSettings(layout="append", markers=True, steps=2, batch_size=4, lr=1e-2,
+    moving = TrainSettings(precision="fp32", layout="append", markers=True, steps=2, batch_size=4, lr=1e-2,
                            save_steps=100)
     out = train_adapter(fresh, fresh_tok, exs, tmp_path / "third", settings=moving, init_adapter=first)
     fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
@@ -362,16 +362,16 @@ def test_warm_start_refuses_another_layout_or_split_before_touching_the_model(mo
                          budget=64, max_examples=8, progress=False)
     spec = {"corpus": "docs", "seed": 0, "eval_fraction": 0.25, "budget": 64}
     first = train_adapter(model, tok, exs, tmp_path / "first", extra_info={"examples_spec": spec},
-                          settings=TrainSettings(steps=1, batch_size=4, save_steps=100))
+                          settings=TrainSettings(precision="fp32", steps=1, batch_size=4, save_steps=100))
     fresh_tok = tiny_hf_tokenizer()
     fresh = tiny_llama(vocab_size=len(fresh_tok), layers=2, hidden=32, heads=4, kv_heads=2)
     rows = fresh.get_input_embeddings().weight.shape[0]
     with pytest.raises(AdapterError, match="trained with layout 'append', markers True"):
         train_adapter(fresh, fresh_tok, exs, tmp_path / "p",
-                      settings=TrainSettings(layout="prepend", markers=False, steps=1),
+                      settings=TrainSettings(precision="fp32", layout="prepend", markers=False, steps=1),
                       init_adapter=first)
     with pytest.raises(AdapterError, match="another document split \\(seed 0 != 1\\)"):
-        train_adapter(fresh, fresh_tok, exs, tmp_path / "s", settings=TrainSettings(steps=1),
+        train_adapter(fresh, fresh_tok, exs, tmp_path / "s", settings=TrainSettings(precision="fp32", steps=1),
                       init_adapter=first, extra_info={"examples_spec": dict(spec, seed=1)})
     with pytest.raises(ValueError, match="cannot also stay trainable"):
         load_adapter(fresh, first, merge=True, trainable=True)
@@ -380,7 +380,8 @@ def test_warm_start_refuses_another_layout_or_split_before_touching_the_model(mo
     assert not any("lora_" in n for n, _ in fresh.named_parameters())
     assert marker_ids(fresh_tok) is None
     # a budget change keeps the split: allowed
-    train_adapter(fresh, fresh_tok, exs, tmp_path / "b", settings=TrainSettings(steps=1, batch_size=4),
+    train_adapter(fresh, fresh_tok, exs, tmp_path / "b",
+                  settings=TrainSettings(precision="fp32", steps=1, batch_size=4),
                   init_adapter=first, extra_info={"examples_spec": dict(spec, budget=128)})
 
 
@@ -393,7 +394,7 @@ def test_warm_start_with_tied_embeddings_trains_one_shared_marker_row(tok, setup
     exs, first = train_tiny(tied(), tok, setup, tmp_path, steps=2)
     fresh_tok = tiny_hf_tokenizer()
     out = train_adapter(tied(), fresh_tok, exs, tmp_path / "warm", init_adapter=first,
-                        settings=TrainSettings(steps=2, batch_size=4, lr=1e-2, marker_lr=0.1,
+                        settings=TrainSettings(precision="fp32", steps=2, batch_size=4, lr=1e-2, marker_lr=0.1,
                                                save_steps=100))
     before, _ = load_adapter(tied(), first, merge=True)
     after, after_tok = load_adapter(tied(), out, merge=True)
@@ -460,7 +461,7 @@ def test_logged_loss_is_the_target_mean_nll_whatever_the_accumulation(model, tok
                          budget=64, max_examples=4, progress=False)
     add_marking_tokens(model, tok)
     want = perplexity(model, tok, exs, "append", markers=True, progress=False)["nll"]
-    settings = TrainSettings(steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=0.0,
+    settings = TrainSettings(precision="fp32", steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=0.0,
                              lora_dropout=0.0, warmup_ratio=0.0, save_steps=100)
     folder = train_adapter(model, tok, exs, tmp_path / "adapter", settings=settings)
     info = json.loads((folder / "flashback_run.json").read_text())
@@ -561,7 +562,7 @@ def test_held_out_curve_is_the_evaluators_number_and_survives_a_resume(model, to
     exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
                          budget=64, max_examples=20, progress=False)
     train, held = exs[:16], exs[16:]
-    settings = TrainSettings(steps=4, batch_size=4, lr=1e-2, save_steps=2, eval_every=2)
+    settings = TrainSettings(precision="fp32", steps=4, batch_size=4, lr=1e-2, save_steps=2, eval_every=2)
     full = train_adapter(base(), tok, train, tmp_path / "full", settings=settings, eval_examples=held)
     curve = json.loads((full / "flashback_run.json").read_text())["held_out_curve"]
     assert [p["step"] for p in curve] == [2, 4] and curve[0]["perplexity"] != curve[1]["perplexity"]
@@ -608,9 +609,9 @@ def test_held_out_curve_bad_settings(model, tok, setup, tmp_path):
     exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
                          budget=64, max_examples=4, progress=False)
     with pytest.raises(ValueError, match="eval_every needs held-out examples"):
-        train_adapter(model, tok, exs, tmp_path / "a", settings=TrainSettings(steps=1, eval_every=1))
+        train_adapter(model, tok, exs, tmp_path / "a", settings=TrainSettings(precision="fp32", steps=1, eval_every=1))
     with pytest.raises(ValueError, match="eval_every must be >= 0"):
-        train_adapter(model, tok, exs, tmp_path / "b", settings=TrainSettings(steps=1, eval_every=-1),
+        train_adapter(model, tok, exs, tmp_path / "b", settings=TrainSettings(precision="fp32", steps=1, eval_every=-1),
                       eval_examples=exs)
 
 
@@ -679,7 +680,7 @@ def test_training_with_passages_before_sees_those_positions(tok, setup, tmp_path
                       passage_positions="before")["nll"]
     other = perplexity(model, tok, exs, "append", markers=True, progress=False)["nll"]
     assert abs(want - other) > 2e-4  # 5x the tolerance below
-    settings = TrainSettings(steps=1, batch_size=4, lr=0.0, lora_dropout=0.0, warmup_ratio=0.0,
+    settings = TrainSettings(precision="fp32", steps=1, batch_size=4, lr=0.0, lora_dropout=0.0, warmup_ratio=0.0,
                              save_steps=100, passage_positions="before")
     folder = train_adapter(model, tok, exs, tmp_path / "adapter", settings=settings)
     info = json.loads((folder / "flashback_run.json").read_text())

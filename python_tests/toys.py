@@ -82,6 +82,6 @@ def train_tiny(model, tok, setup, tmp_path, layout="append", markers=True, steps
     docs, retriever = setup
     exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
                          budget=64, max_examples=16, progress=False)
-    settings = TrainSettings(layout=layout, markers=markers, steps=steps, batch_size=4,
+    settings = TrainSettings(precision="fp32", layout=layout, markers=markers, steps=steps, batch_size=4,
                              **{"lr": 1e-2, "save_steps": 100, "logging_steps": 1, **extra})
     return exs, train_adapter(model, tok, exs, tmp_path / "adapter", settings=settings)

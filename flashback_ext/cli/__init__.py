@@ -43,6 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "batch_size", "budget", "max_train_examples", "max_eval_examples", "grad_accum",
                  "save_steps", "lora_r", "lora_alpha", "eval_every"):
         value = getattr(args, name, None)
+        if isinstance(value, list):  # eval's --passage-tokens sweep checks its own values
+            continue
         if value is not None and value < 1:
             print(f"flashback: error: --{name.replace('_', '-')} must be >= 1, got {value}",
                   file=sys.stderr)

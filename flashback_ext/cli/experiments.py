@@ -28,6 +28,10 @@ def add_commands(sub) -> None:
                        help="comma-separated module names that get LoRA matrices")
     train.add_argument("--lora-r", type=int, default=16)
     train.add_argument("--lora-alpha", type=int, default=32)
+    train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="compute precision (default auto: bf16 autocast on CUDA and on CPUs "
+                            "with AMX or AVX512-BF16, fp32 elsewhere; LoRA and marker rows are "
+                            "kept in fp32 either way)")
     train.add_argument("--save-steps", type=int, default=100)
     train.add_argument("--eval-every", type=int, default=None, metavar="N",
                        help="score the held-out examples (the ones `flashback eval` uses, in this "
@@ -66,7 +70,7 @@ def add_commands(sub) -> None:
     ex.set_defaults(func=cmd_examples)
 
     ev = sub.add_parser("eval", help="perplexity table: N., P., A. and the adapters' rows")
-    _add_example_args(ev)
+    _add_example_args(ev, sweep=True)
     ev.add_argument("--adapter", action="append",
                     help="NAME=DIR (repeatable): prepend -> P.+LoRA, append -> A.+LoRA, "
                          "append_markers -> A.+LoRA+M.T., none -> N.+LoRA (not in the paper: "
@@ -92,15 +96,33 @@ _SPEC_DEFAULTS = {"corpus": "python-docs", "stride": 16, "query_tokens": 32, "pa
                   "max_eval_examples": 200, "train_target_phases": 1, "train_min_passage_tokens": 0}
 
 
-def _add_example_args(p: argparse.ArgumentParser) -> None:
+def _passage_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,N,... (e.g. 32,64,128), got {text!r}") \
+            from None
+    if not lengths or min(lengths) < 1 or len(set(lengths)) != len(lengths):
+        raise argparse.ArgumentTypeError(f"expected distinct positive lengths, got {text!r}")
+    return lengths
+
+
+def _add_example_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--model", default="default", help="base model folder or 'default'")
     p.add_argument("--device", default=None)
     p.add_argument("--corpus", default=_SPEC_DEFAULTS["corpus"],
-                   help="python-docs (CPython reference + stdlib docstrings), default (reference "
+                   help="python-docs (CPython reference + stdlib docstrings), gnu-manuals (the "
+                        "system's GNU info manuals: out of domain), default (reference "
                         "only) or a .txt file / folder")
     p.add_argument("--stride", type=int, default=_SPEC_DEFAULTS["stride"])
     p.add_argument("--query-tokens", type=int, default=_SPEC_DEFAULTS["query_tokens"])
-    p.add_argument("--passage-tokens", type=int, default=_SPEC_DEFAULTS["passage_tokens"])
+    if sweep:
+        p.add_argument("--passage-tokens", type=_passage_lengths,
+                       default=[_SPEC_DEFAULTS["passage_tokens"]], metavar="N[,N...]",
+                       help="held-out passage length; several (32,64,128) score every row at "
+                            "each, with examples built per length, into one table and one JSON")
+    else:
+        p.add_argument("--passage-tokens", type=int, default=_SPEC_DEFAULTS["passage_tokens"])
     p.add_argument("--budget", type=int, default=_SPEC_DEFAULTS["budget"],
                    help="tokens per example (src + E + tgt)")
     p.add_argument("--eval-fraction", type=float, default=_SPEC_DEFAULTS["eval_fraction"],
@@ -211,7 +233,8 @@ def cmd_train(args) -> int:
                              lora_r=args.lora_r,
                              lora_alpha=args.lora_alpha, seed=args.seed,
                              save_steps=args.save_steps, eval_every=args.eval_every or 0,
-                             echo_tokens=args.echo_tokens, **distill)
+                             echo_tokens=args.echo_tokens, precision=args.precision,
+                             **distill)
     try:
         out = train_adapter(model, tokenizer, train, args.out, settings=settings,
                             resume=args.resume, init_adapter=args.init_adapter,
@@ -230,13 +253,7 @@ def cmd_eval(args) -> int:
     import json
 
     from ..pipeline.adapter_io import AdapterError
-    from ..pipeline.evaluate import (
-        TABLE_ROWS,
-        append_over_prepend,
-        markdown_table,
-        position_table,
-        score_table,
-    )
+    from ..pipeline.evaluate import TABLE_ROWS, score_table, sweep_table
 
     names = [s.adapter for s in TABLE_ROWS if s.adapter is not None]  # the row each one fills
     adapters = {}
@@ -256,13 +273,46 @@ def cmd_eval(args) -> int:
     if missing:
         raise CliError(f"row(s) {', '.join(missing)} need --adapter "
                        f"{', '.join(s.adapter + '=DIR' for s in TABLE_ROWS if s.name in missing)}")
+    lengths = args.passage_tokens
+    if args.examples and len(lengths) > 1:
+        raise CliError("--examples fixes the passage length: a --passage-tokens sweep builds its "
+                       "own examples (drop one of them)")
     model, tokenizer = load_base(args)
-    spec, _, evals = _examples(args, tokenizer)
-    try:
-        rows = score_table(model, tokenizer, lambda: load_base(args)[0], evals, adapters, wanted,
-                           batch_size=args.batch_size, report=lambda line: print(line, flush=True))
-    except AdapterError as exc:
-        raise CliError(str(exc)) from None
+    runs = []
+    for length in lengths:
+        args.passage_tokens = length  # _examples reads one length
+        spec, _, evals = _examples(args, tokenizer)
+        if len(lengths) > 1:
+            print(f"\n## held-out passages of {spec.passage_tokens} tokens", flush=True)
+        try:
+            rows = score_table(model, tokenizer, lambda: load_base(args)[0], evals, adapters,
+                               wanted, batch_size=args.batch_size,
+                               report=lambda line: print(line, flush=True))
+        except AdapterError as exc:
+            raise CliError(str(exc)) from None
+        runs.append(_report_run(rows, spec, evals, adapters))
+    args.passage_tokens = lengths
+    if len(runs) > 1:
+        table = sweep_table(runs)
+        print("\n" + table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        # one length: the single table's JSON as before; a sweep: one entry per length
+        data = runs[0] if len(runs) == 1 else {"passage_tokens": lengths, "runs": runs,
+                                                "table": table, "adapters": adapters}
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    return 0
+
+
+def _report_run(rows: list, spec, evals: list, adapters: dict) -> dict:
+    """Print one length's table, place table and ratios; return its JSON record."""
+    from ..pipeline.evaluate import (
+        append_over_prepend,
+        append_ratios,
+        markdown_table,
+        position_table,
+    )
+
     table, places = markdown_table(rows), position_table(rows)
     print("\n" + table + "\n\nmean NLL by target place (0 = first token after the passage "
           "in the append rows):\n\n" + places)
@@ -274,11 +324,8 @@ def cmd_eval(args) -> int:
               + (f"; with a {echo}-token context echo, not the paper's layout" if echo else "")
               + ("; with the passage at rotary positions before the context, not the paper's "
                  "positions" if positions == "before" else ""))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows, "examples": len(evals),
-                                               "adapters": adapters, "spec": spec.__dict__,
-                                               "table": table, "position_table": places,
-                                               "append_markers_over_prepend_lora": goal},
-                                              indent=1))
-    return 0
+    ratios = append_ratios(rows)
+    return {"passage_tokens": spec.passage_tokens, "rows": rows, "examples": len(evals),
+            "adapters": adapters, "spec": spec.__dict__, "table": table,
+            "position_table": places, "append_markers_over_prepend_lora": goal,
+            "ratios": ratios}

@@ -22,7 +22,8 @@ from .batches import Collator, forward_batch, target_token_nll
 from .examples import Example
 
 __all__ = ["perplexity", "engine_perplexity", "Setting", "PAPER_ROWS", "TABLE_ROWS", "markdown_table",
-           "position_table", "ratio_interval", "score_table", "append_over_prepend"]
+           "position_table", "ratio_interval", "score_table", "append_over_prepend",
+           "append_ratios", "sweep_table"]
 
 
 @dataclass(frozen=True)
@@ -214,3 +215,44 @@ def append_over_prepend(rows: Sequence[dict]) -> Optional[dict]:
     return {"ratio": ratio, "low": low, "high": high, "level": 0.95,
             "echo_tokens": by_name["A.+LoRA+M.T."]["echo_tokens"],
             "passage_positions": by_name["A.+LoRA+M.T."]["passage_positions"]}
+
+
+def append_ratios(rows: Sequence[dict]) -> dict:
+    """A.+LoRA+M.T. against each of N., P. and P.+LoRA scored in ``rows``: ``{name: {ratio, low,
+    high}}`` with 95% paired intervals (the goals: below N., level with P.+LoRA in domain and
+    with the untrained P. out of domain). Empty without an A.+LoRA+M.T. row."""
+    by_name = {r["name"]: r for r in rows}
+    row = by_name.get("A.+LoRA+M.T.")
+    if row is None:
+        return {}
+    out = {}
+    for name in ("N.", "P.", "P.+LoRA"):
+        if name in by_name:
+            ratio, low, high = ratio_interval(row, by_name[name])
+            out[name] = {"ratio": ratio, "low": low, "high": high}
+    return out
+
+
+def sweep_table(runs: Sequence[dict]) -> str:
+    """One markdown table for a passage-length sweep: ``runs`` = ``[{"passage_tokens": n, "rows":
+    [...], "ratios": append_ratios(rows)}]``; a row per (length, setting) with its perplexity and,
+    for A.+LoRA+M.T., its ratios to N., P. and P.+LoRA with their intervals."""
+    lines = ["| passage tokens | setting | adapter | perplexity | / N. | / P. | / P.+LoRA |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    for run in runs:
+        by_name = {r["name"]: r["ppl"] for r in run["rows"]}
+        for r in run["rows"]:
+            cells = []
+            for ref in ("N.", "P.", "P.+LoRA"):
+                got = run["ratios"].get(ref) if r["name"] == "A.+LoRA+M.T." else None
+                if got is not None:
+                    cells.append(f"{got['ratio']:.3f} ({got['low']:.3f}-{got['high']:.3f})")
+                elif by_name.get(ref):
+                    cells.append(f"{r['ppl'] / by_name[ref]:.3f}")
+                else:
+                    cells.append("—")
+            adapter = (r["adapter"] or "base") + (
+                " + passage before" if r.get("passage_positions") == "before" else "")
+            lines.append(f"| {run['passage_tokens']} | {r['name']} | {adapter} | {r['ppl']:.3f} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)

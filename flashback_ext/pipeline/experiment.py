@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..engine.models import cache_dir
 from ..engine.retrieval import BM25Retriever, Corpus
+from .corpora import drop_license_text, gnu_manuals
 from .examples import (
     DataError,
     Example,
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ExampleSpec:
-    corpus: str = "python-docs"  # python-docs | default (language reference only) | a path
+    # python-docs | default (language reference only) | gnu-manuals (out of domain) | a path
+    corpus: str = "python-docs"
     stride: int = 16
     query_tokens: int = 32
     passage_tokens: int = 128
@@ -44,19 +46,27 @@ class ExampleSpec:
     train_min_passage_tokens: int = 0
 
 
+NAMED_CORPORA = ("python-docs", "default", "gnu-manuals")
+
+
 def load_documents(spec: str) -> list[tuple[str, str, str]]:
     """``python-docs``: CPython's reference + stdlib docstrings; ``default``: the reference only;
-    otherwise a file/folder/JSONL path as for retrieval corpora."""
+    ``gnu-manuals``: the system's GNU info manuals, the out-of-domain corpus (:mod:`.corpora`);
+    otherwise a .txt/.md file or folder. License and copyright paragraphs are removed from every
+    corpus (:func:`.corpora.drop_license_text`)."""
     if spec == "python-docs":
-        return python_docs()
+        return drop_license_text(python_docs())
     if spec == "default":
-        return python_docs(docstrings=False)
+        return drop_license_text(python_docs(docstrings=False))
+    if spec == "gnu-manuals":
+        return gnu_manuals()
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"corpus path {path} does not exist")
+        raise FileNotFoundError(f"corpus path {path} does not exist (named corpora: "
+                                f"{', '.join(NAMED_CORPORA)})")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
                                                    if p.suffix in (".txt", ".md") and p.is_file())
-    return [(str(p), p.stem, p.read_text(errors="replace")) for p in files]
+    return drop_license_text((str(p), p.stem, p.read_text(errors="replace")) for p in files)
 
 
 def example_retriever(docs, tokenizer, spec: ExampleSpec, progress: bool = True) -> BM25Retriever:

@@ -1,6 +1,7 @@
 """LoRA training for FlashBack: peft LoRA on q/k/v/o plus ONLY the two marker rows of the input
 embedding (``trainable_token_indices``), loss on the target tokens with marker logits excluded,
-HF ``Trainer`` (checkpoints, resume, bf16 on GPU / fp32 on CPU, multi-GPU under
+HF ``Trainer`` (checkpoints, resume, bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16,
+fp32 LoRA and marker rows kept; multi-GPU under
 ``accelerate launch`` / ``torchrun`` unchanged).
 
 The official code unfroze "the last two embedding rows", which for OPT are not the marker ids
@@ -81,6 +82,23 @@ class TrainSettings:
     distill_from: Optional[str] = None
     distill_weight: float = 0.0
     distill_top_k: int = 64
+    # "auto": bf16 autocast on CUDA and on CPUs that compute bf16 natively (engine.models.
+    # cpu_has_bf16), fp32 elsewhere; the trainable weights stay fp32 either way
+    precision: str = "auto"
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def training_bf16(precision: str, cuda: bool) -> bool:
+    """Whether a run with ``precision`` trains under bf16 autocast on this machine."""
+    from ..engine.models import cpu_has_bf16
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return cuda or cpu_has_bf16()
+    return precision == "bf16"
 
 
 def check_distill(settings: "TrainSettings") -> None:
@@ -281,6 +299,8 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
            settings.passage_positions)
     check_attention_for_positions(model, settings.passage_positions)
     check_distill(settings)
+    cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    bf16 = training_bf16(settings.precision, cuda)
     if settings.eval_every and not eval_examples:
         raise ValueError("eval_every needs held-out examples (eval_examples)")
     out = Path(output_dir)
@@ -299,14 +319,13 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
     else:
         peft_model = _lora_model(model, tokenizer, settings)
     markers = marker_ids(tokenizer) if settings.markers else None
-    cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), max_steps=settings.steps,
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr,
         lr_scheduler_type="cosine", warmup_steps=int(settings.warmup_ratio * settings.steps),
         logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
-        seed=settings.seed, bf16=cuda, report_to=[], remove_unused_columns=False,
+        seed=settings.seed, bf16=bf16, report_to=[], remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, use_cpu=not cuda,
         # every trainable tensor (LoRA, marker rows) takes part in each step: under DDP this skips
         # the extra search of the autograd graph for unused parameters
@@ -355,7 +374,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example], output_di
                 "eval_s": curve.seconds if curve is not None else 0.0,
                 # before wall_s: scoring (or loading the cached) teacher targets (--distill-from)
                 "teacher_s": teacher_s,
-                "processes": trainer.args.world_size,
+                "processes": trainer.args.world_size, "bf16": bf16,
                 "resumed_from": Path(last).name if last else None,
                 "held_out_curve": curve.points if curve is not None else [],
                 "vocab_size": len(tokenizer), **(extra_info or {})}
