@@ -219,7 +219,11 @@ def test_train_and_eval_commands(tiny_model_dir, tmp_path, capsys):
     assert main([*demo, "--passage-tokens", "20"]) == 0
     got = capsys.readouterr()
     assert "<= 20 tokens each)" in got.out
-    assert "trained on 16-token passages; --passage-tokens 20 is outside" in got.err
+    assert "warning: the adapter was trained on passages of at most 16 tokens; with --passage-tokens 20" in got.err
+    # a shorter passage than trained is within what the adapter learned: no warning
+    assert main([*demo, "--passage-tokens", "12"]) == 0
+    got = capsys.readouterr()
+    assert "<= 12 tokens each)" in got.out and "warning" not in got.err
 
 
 def test_eval_sweeps_passage_lengths_into_one_table(tiny_model_dir, tmp_path, capsys):
