@@ -153,3 +153,44 @@ def test_passage_leak_diagnostic_swaps_only_the_passage(tmp_path, tiny_exported,
     with pytest.raises(SystemExit, match="shorter than the query"):
         diag.swap_passages([dataclasses.replace(evals[0], src=evals[0].src[:2])], spec, tok,
                            progress=False)
+
+
+def _eval_row(name, nll_sums, counts, positions="after"):
+    import math as _m
+    return {"name": name, "passage_positions": positions, "nll_sum_by_example": nll_sums,
+            "tokens_by_example": counts, "ppl": _m.exp(sum(nll_sums) / sum(counts))}
+
+
+def test_goal_table_pairs_rows_across_runs(tmp_path):
+    import math
+
+    counts = [4, 4, 4]
+    n, p, pl = [8.0, 8.4, 7.6], [7.6, 8.0, 7.2], [6.0, 6.4, 5.6]
+    before, paper = [6.1, 6.5, 5.7], [9.0, 9.5, 8.5]
+    sweep = {"runs": [{"passage_tokens": 64, "rows": [
+        _eval_row("N.", n, counts), _eval_row("P.", p, counts), _eval_row("P.+LoRA", pl, counts),
+        _eval_row("A.+LoRA+M.T.", before, counts, "before")]}]}
+    single = {"passage_tokens": 64, "rows": [_eval_row("P.+LoRA", pl, counts),
+                                             _eval_row("A.+LoRA+M.T.", paper, counts)]}
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "goal.json"
+    a.write_text(json.dumps(sweep))
+    b.write_text(json.dumps(single))
+    script = str(RESEARCH / "goal_table.py")
+    res = subprocess.run([sys.executable, script, f"in={a}", f"in={b}", "--json", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    rows = {r["layout"]: r for r in json.loads(out.read_text())["rows"]}
+    # "before": exp((22.3 - 18.0) / 12) against P.+LoRA, below N. -> met; the paper row is above
+    assert rows["before"]["ratios"]["P.+LoRA"]["ratio"] == pytest.approx(math.exp(0.3 / 12))
+    assert rows["before"]["met"] is True and rows["paper"]["met"] is False
+    assert rows["paper"]["ratios"]["N."]["ratio"] == pytest.approx(math.exp(3.0 / 12))
+    assert "| in | 64 | before |" in res.stdout and "| missed |" in res.stdout
+    # the same base row scored differently in two runs: not comparable
+    single["rows"][0] = _eval_row("P.+LoRA", [6.0, 6.4, 5.9], counts)
+    b.write_text(json.dumps(single))
+    res = subprocess.run([sys.executable, script, f"in={a}", f"in={b}"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "not the same examples" in res.stderr
+    for bad, says in (([f"x={a}"], "expected in=JSON"), ([f"in={tmp_path / 'no.json'}"], "unreadable")):
+        res = subprocess.run([sys.executable, script, *bad], capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0 and says in res.stderr
