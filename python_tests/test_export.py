@@ -78,7 +78,7 @@ def test_cli_export_of_the_shipped_adapter_scores_like_the_engine(tmp_path, caps
     assert "not an empty folder" in capsys.readouterr().err
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     base, tokenizer = load_model("default", device="cpu")
-    tuned, tuned_tok = load_adapter(base, default_adapter_path(), tokenizer)  # unmerged
+    tuned, tuned_tok = load_adapter(base, default_adapter_path("export"), tokenizer)  # unmerged
     engine = RALMGenerator(tuned, tuned_tok, None, mode="none", stride=16)
     src = tuned_tok.encode("The try statement specifies exception handlers and cleanup code "
                            "for a group of statements, and the with statement")

@@ -283,14 +283,29 @@ def test_passages_from_another_tokenizer_are_reencoded(tiny):
     assert block == list(TEXTS[2].encode())
 
 
+def test_shipped_adapters_by_use():
+    from flashback_ext.engine.models import default_adapter_path
+    from flashback_ext.pipeline.adapter_io import run_info
+
+    export = default_adapter_path("export")
+    assert export is not None and export.name == "smollm2-135m-flashback"
+    # a merged export is served with slot-numbered positions: only the paper's layout merges
+    assert run_info(export)["settings"].get("passage_positions", "after") == "after"
+    assert default_adapter_path() == default_adapter_path("engine") is not None
+    with pytest.raises(ValueError, match="use must be one of"):
+        default_adapter_path("serve")
+
+
 @pytest.mark.slow
-def test_shipped_adapter_drives_append_mode():
+@pytest.mark.parametrize("use", ["engine", "export"])
+def test_shipped_adapter_drives_append_mode(use):
     from flashback_ext.engine.models import default_adapter_path, load_model
     from flashback_ext.engine.retrieval import BM25Retriever, Corpus
-    from flashback_ext.pipeline.adapter_io import load_adapter
+    from flashback_ext.pipeline.adapter_io import load_adapter, run_info
 
-    path = default_adapter_path()
+    path = default_adapter_path(use)
     assert path is not None, "the package ships the SmolLM2 FlashBack adapter"
+    settings = run_info(path)["settings"]
     config = json.loads((path / "adapter_config.json").read_text())
     # peft's own loaders look the base model up by this name: the public one, not a build folder
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -300,7 +315,9 @@ def test_shipped_adapter_drives_append_mode():
     tuned, tuned_tok = load_adapter(base, path, tokenizer, merge=True)
     assert len(tuned_tok) == len(tokenizer) + 2
     assert list(marker_ids(tuned_tok)) == config["trainable_token_indices"]["embed_tokens"]
-    engine = RALMGenerator(tuned, tuned_tok, BM25Retriever(Corpus.default(tokenizer)), stride=8)
+    engine = RALMGenerator(tuned, tuned_tok, BM25Retriever(Corpus.default(tokenizer)), stride=8,
+                           echo_tokens=settings.get("echo_tokens", 0),
+                           passage_positions=settings.get("passage_positions", "after"))
     assert engine.use_markers
     r = engine.generate("The try statement", max_new_tokens=12, trace=True, stop_on_eos=False)
     assert len(r.retrievals) == 2 and not set(engine.markers) & set(r.token_ids)

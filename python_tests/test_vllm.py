@@ -41,7 +41,7 @@ def export_dir(tmp_path_factory):
     from flashback_ext.pipeline.export import export_merged
 
     model, tok = load_model("default", device="cpu", dtype=torch.float32)
-    return export_merged(model, tok, default_adapter_path(), tmp_path_factory.mktemp("export"))
+    return export_merged(model, tok, default_adapter_path("export"), tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_export_checks(export_dir, tmp_path):
     from flashback_ext.serving.vllm_driver import VLLMGenerator
 
     with pytest.raises(AdapterError, match="unmerged adapter"):
-        VLLMGenerator.from_export(default_adapter_path(), None, server="http://127.0.0.1:9")
+        VLLMGenerator.from_export(default_adapter_path("export"), None, server="http://127.0.0.1:9")
     bad = tmp_path / "bad"
     shutil.copytree(export_dir, bad)
     settings = json.loads((bad / "flashback.json").read_text())

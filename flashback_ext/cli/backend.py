@@ -57,7 +57,7 @@ def exported_checkpoint(args) -> Path:
 
     if args.export:
         return Path(args.export).expanduser()
-    adapter = adapter_path(args)
+    adapter = adapter_path(args, use="export")
     if adapter is None:
         raise CliError("--backend vllm serves a merged FlashBack export: give --export DIR, or "
                        "an --adapter to export (the default model's 'auto' is the shipped one)")

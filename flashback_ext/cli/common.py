@@ -112,14 +112,14 @@ def add_adapter_arg(p: argparse.ArgumentParser) -> None:
                         "adapter shipped for the default model, when there is one)")
 
 
-def adapter_path(args) -> Optional[Path]:
+def adapter_path(args, use: str = "engine") -> Optional[Path]:
     """The append-mode adapter: ``--adapter``, or for 'auto' the one shipped for the default
-    model."""
+    model for that ``use`` (``"export"``: the paper-layout one a merged checkpoint needs)."""
     from ..engine.models import DEFAULT_MODEL, default_adapter_path
 
     path = args.adapter
     if path == "auto":
-        path = default_adapter_path() if str(args.model) == DEFAULT_MODEL else None
+        path = default_adapter_path(use) if str(args.model) == DEFAULT_MODEL else None
     return None if path in (None, "none") else Path(path)
 
 

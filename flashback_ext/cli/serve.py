@@ -247,7 +247,7 @@ def cmd_export(args) -> int:
     from ..pipeline.adapter_io import AdapterError
     from ..pipeline.export import export_merged
 
-    path = adapter_path(args)
+    path = adapter_path(args, use="export")
     if path is None:
         raise CliError("--adapter: give the adapter folder to export (or 'auto' with the default "
                        "model for the shipped one)")

@@ -197,10 +197,24 @@ def load_model(
     return model, tokenizer
 
 
-def default_adapter_path() -> Optional[Path]:
-    """The FlashBack adapter (LoRA + marker rows) shipped for the default model, if present."""
-    folder = Path(__file__).resolve().parent.parent / "adapters" / "smollm2-135m-flashback"
-    return folder if (folder / "adapter_config.json").exists() else None
+# the adapters shipped for the default model, by use: our engine runs any layout, so it gets the
+# best one; a merged export is served by engines that number rotary positions by slot (vLLM), so
+# it gets the paper's layout (passage positions "after")
+SHIPPED_ADAPTERS = {"engine": "smollm2-135m-flashback-before", "export": "smollm2-135m-flashback"}
+
+
+def default_adapter_path(use: str = "engine") -> Optional[Path]:
+    """The FlashBack adapter (LoRA + marker rows) shipped for the default model, if present:
+    ``use="engine"`` for our RALM engine (falls back to the export one where only that is
+    shipped), ``use="export"`` for a merged checkpoint (:func:`flashback_ext.pipeline.export.
+    export_merged`, the paper's layout)."""
+    if use not in SHIPPED_ADAPTERS:
+        raise ValueError(f"use must be one of {sorted(SHIPPED_ADAPTERS)}, got {use!r}")
+    root = Path(__file__).resolve().parent.parent / "adapters"
+    for name in (SHIPPED_ADAPTERS[use], SHIPPED_ADAPTERS["export"]):
+        if (root / name / "adapter_config.json").exists():
+            return root / name
+    return None
 
 
 def tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
