@@ -61,7 +61,34 @@ def test_export_refusals_write_nothing(model, tok, setup, tmp_path):
     _, plain = train_tiny(_fresh(), tiny_hf_tokenizer(), setup, tmp_path / "plain")
     with pytest.raises(FileExistsError, match="not an empty folder"):
         export_merged(_fresh(), tiny_hf_tokenizer(), plain, busy)
+    # overwrite replaces only an earlier export, never someone's other files
+    with pytest.raises(FileExistsError, match="not a FlashBack export"):
+        export_merged(_fresh(), tiny_hf_tokenizer(), plain, busy, overwrite=True)
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+
+def test_export_overwrite_replaces_the_earlier_export_whole(model, tok, setup, tmp_path,
+                                                            monkeypatch):
+    _, plain = train_tiny(_fresh(), tiny_hf_tokenizer(), setup, tmp_path / "plain")
+    out = export_merged(_fresh(), tiny_hf_tokenizer(), plain, tmp_path / "export")
+    first = read_export(out)
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale shard of an older export")
+    export_merged(_fresh(), tiny_hf_tokenizer(), plain, out, overwrite=True, dtype=torch.bfloat16)
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    assert read_export(out)["dtype"] == "bfloat16" and first["dtype"] == "float32"
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    assert not list(tmp_path.glob(".export.partial-*"))
+    # an export that fails while writing (here: the disk, at the tokenizer) leaves the earlier
+    # one whole and no staging folder behind
+    from transformers import PreTrainedTokenizerBase
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_merged(_fresh(), tiny_hf_tokenizer(), plain, out, overwrite=True)
+    assert read_export(out)["dtype"] == "bfloat16" and not list(tmp_path.glob(".export.partial-*"))
 
 
 @pytest.mark.slow

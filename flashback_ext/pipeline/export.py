@@ -15,6 +15,8 @@ SGLang) cannot give.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +39,10 @@ def export_merged(model, tokenizer, adapter_dir, out_dir, *, dtype: Optional[tor
 
     ``dtype`` casts the saved weights (default: the model's). Refuses, before anything is
     written: a folder that is not a FlashBack adapter, one trained for another model, passage
-    positions "before", and a non-empty ``out_dir`` unless ``overwrite``."""
+    positions "before", and a non-empty ``out_dir`` unless ``overwrite``, which replaces an
+    earlier export only (a folder with ``flashback.json``; any other files are not ours to
+    delete). The checkpoint is written beside ``out_dir`` and moved into place when complete:
+    a failed export leaves the earlier one as it was, and a replaced one keeps no stale files."""
     from .. import __version__
 
     info = run_info(adapter_dir)
@@ -51,7 +56,10 @@ def export_merged(model, tokenizer, adapter_dir, out_dir, *, dtype: Optional[tor
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"{out} exists and is not an empty folder (overwrite=True, or "
-                              f"--force, replaces its files)")
+                              f"--force, replaces an earlier export)")
+    if out.is_dir() and any(out.iterdir()) and not (out / SETTINGS_FILE).is_file():
+        raise FileExistsError(f"{out} holds files that are not a FlashBack export: overwrite "
+                              f"(--force) replaces only an earlier export; choose another folder")
     merged, tok = load_adapter(model, adapter_dir, tokenizer, merge=True)
     if dtype is not None:
         merged = merged.to(dtype)
@@ -72,11 +80,19 @@ def export_merged(model, tokenizer, adapter_dir, out_dir, *, dtype: Optional[tor
         "adapter": str(Path(adapter_dir).expanduser().resolve()),
         "dtype": str(next(merged.parameters()).dtype).removeprefix("torch."),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    merged.config.vocab_size = merged.get_input_embeddings().weight.shape[0]
-    merged.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / SETTINGS_FILE).write_text(json.dumps(flashback, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        merged.config.vocab_size = merged.get_input_embeddings().weight.shape[0]
+        merged.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        (staging / SETTINGS_FILE).write_text(json.dumps(flashback, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)  # empty, or an earlier export (checked above)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 
