@@ -8,7 +8,7 @@ import argparse
 from flashback_ext import RALMGenerator, load_model
 from flashback_ext.engine.models import default_adapter_path
 from flashback_ext.engine.retrieval import BM25Retriever, Corpus
-from flashback_ext.pipeline.adapter_io import load_adapter, run_info
+from flashback_ext.pipeline.adapter_io import adapter_layout, load_adapter
 
 
 def main() -> None:
@@ -20,23 +20,17 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model("default")              # SmolLM2-135M-Instruct, offline
-    passage_tokens, echo_tokens, positions = 128, 0, "after"
+    layout = {"passage_tokens": 128}
     if not args.no_adapter:
         adapter = default_adapter_path()                    # LoRA + the two marker rows
         model, tokenizer = load_adapter(model, adapter, merge=True)
-        # read passages as long as the ones it was trained on (64): it does not carry over;
-        # and the layout it was trained in (a context echo, --echo-tokens, and the passage's
-        # positions, --passage-positions; 0 and "after", the paper's, for this one)
-        info = run_info(adapter)
-        passage_tokens = info["examples_spec"]["passage_tokens"]
-        echo_tokens = info["settings"].get("echo_tokens", 0)
-        positions = info["settings"].get("passage_positions", "after")
-    corpus = Corpus.default(tokenizer, passage_tokens)      # CPython's language reference
+        # read passages as the adapter learned to: up to its longest training passage, with
+        # its context echo and passage positions (its layout, not tuning knobs)
+        layout = adapter_layout(adapter)
+    corpus = Corpus.default(tokenizer, layout["passage_tokens"])  # CPython's language reference
     retriever = BM25Retriever(corpus)
     engine = RALMGenerator(model, tokenizer, retriever, mode="append", stride=16,
-                           passage_tokens=passage_tokens,
-                           echo_tokens=echo_tokens,
-                           passage_positions=positions)     # patches the model's attention
+                           **layout)                        # patches the model's attention
 
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What does the global statement do in Python?"}],

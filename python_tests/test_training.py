@@ -314,6 +314,23 @@ def test_engine_scores_like_the_evaluator(model, tok, setup, tmp_path, echo, pos
         assert abs(plain["ppl"] - teacher["ppl"]) > 2e-4 * teacher["ppl"]
 
 
+def test_adapter_layout_gives_the_engine_keywords_it_was_trained_for(model, tok, setup, tmp_path):
+    from flashback_ext.pipeline.adapter_io import RUN_FILE, adapter_layout
+
+    _, folder = train_tiny(model, tok, setup, tmp_path, steps=1, passage_positions="before")
+    assert adapter_layout(folder) == {"echo_tokens": 0, "passage_positions": "before"}
+    info = json.loads((folder / RUN_FILE).read_text())
+    info["settings"].update(echo_tokens=3, passage_positions="after")
+    info["examples_spec"] = {"passage_tokens": 48, "train_min_passage_tokens": 16}
+    (folder / RUN_FILE).write_text(json.dumps(info))
+    layout = adapter_layout(folder)  # the longest training passage, whatever the shortest
+    assert layout == {"echo_tokens": 3, "passage_positions": "after", "passage_tokens": 48}
+    engine = RALMGenerator(model, tok, setup[1], mode="append", **layout)
+    assert (engine.passage_tokens, engine.echo_tokens, engine.passage_positions) == (48, 3, "after")
+    with pytest.raises(AdapterError, match="no FlashBack adapter"):
+        adapter_layout(tmp_path / "missing")
+
+
 def test_adapter_errors(model, tok, setup, tmp_path):
     with pytest.raises(AdapterError, match="no FlashBack adapter"):
         load_adapter(model, tmp_path / "missing")

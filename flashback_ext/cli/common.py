@@ -130,25 +130,22 @@ def settle_passage_tokens(args, adapter: Optional[Path]) -> None:
     perplexity after 128-token ones: docs/RESULTS.md). ``--echo-tokens`` defaults to the adapter's
     context echo: its layout, not a tuning knob; so are its passage positions
     (``--passage-positions`` of ``flashback train``), which are taken as they are."""
-    from ..pipeline.adapter_io import AdapterError, run_info
+    from ..pipeline.adapter_io import AdapterError, adapter_layout
 
-    spec: dict = {}
-    echo = 0
-    args.passage_positions = "after"
+    trained: dict = {}
     if adapter is not None:
         try:
-            info = run_info(adapter)
-            spec = info.get("examples_spec") or {}
-            echo = int(info["settings"].get("echo_tokens", 0))
-            args.passage_positions = info["settings"].get("passage_positions", "after")
+            trained = adapter_layout(adapter)
         except AdapterError:
             pass  # loading the adapter reports it
+    echo = trained.get("echo_tokens", 0)
+    args.passage_positions = trained.get("passage_positions", "after")
     if getattr(args, "echo_tokens", None) is None:
         args.echo_tokens = echo
     elif adapter is not None and args.echo_tokens != echo:
         print(f"note: the adapter was trained with a {echo}-token context echo; --echo-tokens "
               f"{args.echo_tokens} is a layout it has not seen", file=sys.stderr)
-    longest = spec.get("passage_tokens")
+    longest = trained.get("passage_tokens")
     if args.passage_tokens is None:
         args.passage_tokens = longest or DEFAULT_PASSAGE_TOKENS
     elif longest and args.passage_tokens > longest:

@@ -75,7 +75,8 @@ def add_commands(sub) -> None:
     export.add_argument("--out", required=True, help="folder for the merged checkpoint")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="dtype of the saved weights (default: the loaded model's)")
-    export.add_argument("--force", action="store_true", help="replace an earlier export in --out (whole: no stale files; other folders are refused)")
+    export.add_argument("--force", action="store_true",
+                        help="replace an earlier export in --out, whole (other folders are refused)")
     export.set_defaults(func=cmd_export)
 
     index = sub.add_parser("index", help="build or search a retrieval index")

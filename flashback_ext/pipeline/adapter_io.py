@@ -18,8 +18,8 @@ from typing import Optional
 
 from ..marking import add_marking_tokens
 
-__all__ = ["AdapterError", "RUN_FILE", "base_signature", "run_info", "check_adapter_layout",
-           "load_adapter", "quiet_peft"]
+__all__ = ["AdapterError", "RUN_FILE", "base_signature", "run_info", "adapter_layout",
+           "check_adapter_layout", "load_adapter", "quiet_peft"]
 
 RUN_FILE = "flashback_run.json"
 
@@ -63,6 +63,20 @@ def run_info(folder) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AdapterError(f"corrupt adapter folder {folder}: {RUN_FILE} unreadable ({exc})") from None
     return info
+
+
+def adapter_layout(folder) -> dict:
+    """The :class:`~flashback_ext.RALMGenerator` keywords an adapter was trained for, to read it
+    as it learned: ``passage_tokens`` (the longest training passage; shorter ones are fine, longer
+    ones it has not seen; absent where no example spec was recorded), ``echo_tokens`` and
+    ``passage_positions``. ``RALMGenerator(model, tok, retriever, **adapter_layout(folder))``."""
+    info = run_info(folder)
+    layout = {"echo_tokens": int(info["settings"].get("echo_tokens", 0)),
+              "passage_positions": info["settings"].get("passage_positions", "after")}
+    longest = (info.get("examples_spec") or {}).get("passage_tokens")
+    if longest:
+        layout["passage_tokens"] = int(longest)
+    return layout
 
 
 def check_adapter_layout(adapter_dir, layout: str, markers: bool, user: str) -> dict:
