@@ -54,12 +54,14 @@ def export_merged(model, tokenizer, adapter_dir, out_dir, *, dtype: Optional[tor
                            f"numbers positions by cache slot, cannot reproduce; only the paper's "
                            f"contiguous positions export")
     out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{out} exists and is not an empty folder (overwrite=True, or "
-                              f"--force, replaces an earlier export)")
-    if out.is_dir() and any(out.iterdir()) and not (out / SETTINGS_FILE).is_file():
-        raise FileExistsError(f"{out} holds files that are not a FlashBack export: overwrite "
-                              f"(--force) replaces only an earlier export; choose another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite or not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not an empty folder (overwrite=True, or "
+                                  f"--force, replaces an earlier export)")
+        if not (out / SETTINGS_FILE).is_file():
+            raise FileExistsError(f"{out} holds files that are not a FlashBack export: overwrite "
+                                  f"(--force) replaces only an earlier export; choose another "
+                                  f"folder")
     merged, tok = load_adapter(model, adapter_dir, tokenizer, merge=True)
     if dtype is not None:
         merged = merged.to(dtype)
