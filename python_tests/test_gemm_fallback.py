@@ -1,7 +1,8 @@
-"""The CPU kernel's brgemm fallback (used where torch exports no BLAS sgemm_) is also correct.
+"""The CPU kernel's other GEMM paths are also correct: the fp32 brgemm fallback (used where torch
+exports no BLAS sgemm_) and, for bf16 on CPUs with AMX, the widen-to-fp32 path used elsewhere.
 
-The GEMM path is chosen once per process, so the fallback runs in a subprocess with
-FLASHBACK_CPU_GEMM=brgemm.
+The GEMM path is chosen once per process, so each runs in a subprocess with FLASHBACK_CPU_GEMM
+set ("brgemm" or "fp32"; unset, bf16 blocks run on AMX where the CPU has it).
 """
 import os
 import subprocess
@@ -28,8 +29,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_brgemm_fallback_matches_reference():
-    env = dict(os.environ, FLASHBACK_CPU_GEMM="brgemm")
+@pytest.mark.parametrize("path", ["brgemm", "fp32"])
+def test_gemm_path_matches_reference(path):
+    env = dict(os.environ, FLASHBACK_CPU_GEMM=path)
     here = os.path.dirname(__file__)
     env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,

@@ -3,8 +3,10 @@
 // Work decomposition: one work item = (sequence b, kv head, block of packed query rows, KV split).
 // The query rows of all Hq/Hkv heads that share a kv head are packed into one matrix, so every KV
 // tile is read once per kv head (GQA packing). Each item runs an online softmax over tiles of
-// up to kKeyTile keys: S = Q K^T and O += P V are fp32 tile GEMMs (tile_gemm.h) that read K/V rows in
-// place (bf16 rows are widened to fp32 first); the softmax in between is AVX2 (cpu_math.h).
+// up to kKeyTile keys: S = Q K^T and O += P V are tile GEMMs, fp32 ones (tile_gemm.h) that read
+// K/V rows in place, or for bf16 on CPUs with AMX, bf16 ones on packed K/V tiles
+// (tile_gemm_amx.h; elsewhere bf16 rows are widened to fp32); the softmax in between is AVX2
+// (cpu_math.h).
 // No [Sq, L] score matrix is ever materialised. Decode-sized problems have few items, so the KV
 // range is split and the partial results merged by their log-sum-exp.
 #include <ATen/ATen.h>
@@ -20,6 +22,7 @@
 #include "../checks.h"
 #include "cpu_math.h"
 #include "tile_gemm.h"
+#include "tile_gemm_amx.h"
 
 namespace flashback {
 namespace {
@@ -46,11 +49,28 @@ inline void load_row_f32(const scalar_t* src, float* dst, int64_t d) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// Round-to-nearest-even of finite floats (probabilities are in [0, 1]): plain integer ops, so
+// the loop vectorises, unlike c10::BFloat16's NaN-checking conversion.
+inline void probabilities_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, src + i, sizeof(bits));
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    dst[i] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
 // Partial result of one work item: unnormalised O rows plus running max (log2 units) and sum.
 struct Partial {
   float* o;  // [rows, D]
   float* m;  // [rows]
   float* l;  // [rows]
+};
+
+// Per-thread working memory of a work item, reused across items.
+struct Scratch {
+  std::vector<float> f;          // fp32 path: Q, scores, widened K/V; AMX path: scores
+  std::vector<c10::BFloat16> h;  // AMX path: Q, packed K and V, probabilities
 };
 
 template <typename scalar_t>
@@ -61,79 +81,23 @@ class AttentionCpu {
       : q_(q), kc_(k_cache.data_ptr<scalar_t>()), vc_(v_cache.data_ptr<scalar_t>()),
         seqs_(std::move(seqs)), sink_(sink), batch_(q.size(0)), hq_(q.size(1)), sq_(q.size(2)),
         d_(q.size(3)), hkv_(k_cache.size(1)), cap_(k_cache.size(2)),
-        group_(hq_ / hkv_), scale_log2_(static_cast<float>(scale) * kLog2e) {}
+        group_(hq_ / hkv_), scale_log2_(static_cast<float>(scale) * kLog2e),
+        amx_(!std::is_same_v<scalar_t, float> && d_ % 2 == 0 && AmxTileGemm::available()) {}
 
   // Runs rows [r0, r0+rows) of (b, hk) over logical keys [k0, k1), writing into `part`.
   void run_item(int64_t b, int64_t hk, int64_t r0, int64_t rows, int64_t k0, int64_t k1,
-                Partial part, std::vector<float>& scratch) const {
-    const SeqInfo& s = seqs_[b];
-    const int64_t d = d_;
-    constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+                Partial part, Scratch& scratch) const {
     const int64_t tile = rows <= 16 ? kDecodeKeyTile : kKeyTile;
-    scratch.resize(rows * d + rows * tile + 3 * tile * d);
-    float* qs = scratch.data();          // [rows, D] queries, pre-scaled into log2 units
-    float* sp = qs + rows * d;       // [rows, tile] scores, then probabilities
-    float* kbuf = sp + rows * tile;  // [tile, D] K rows converted to fp32 (bf16 only)
-    float* vbuf = kbuf + tile * d;   // [tile, D] V rows converted to fp32 (bf16 only)
-    float* gemm_scratch = vbuf + tile * d;  // K^T for the brgemm fallback
     std::vector<int64_t> limit(rows);
-    int64_t max_limit = -1;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = r0 + r, g = row / s.q_len, pos = row % s.q_len;
-      const scalar_t* src = q_.data_ptr<scalar_t>() + b * q_.stride(0) +
-                            (hk * group_ + g) * q_.stride(1) + pos * q_.stride(2);
-      for (int64_t i = 0; i < d; ++i) qs[r * d + i] = static_cast<float>(src[i]) * scale_log2_;
-      limit[r] = s.kv_len - s.q_len + pos;
-      max_limit = std::max(max_limit, limit[r]);
-      part.m[r] = kNegInf;
-      part.l[r] = 0.f;
-    }
-    std::fill(part.o, part.o + rows * d, 0.f);
+    const int64_t max_limit = start_rows(b, r0, rows, part, limit);
     k1 = std::min(k1, max_limit + 1);
-    const int64_t ring = cap_ - sink_;
-    const int64_t head_base = (b * hkv_ + hk) * cap_ * d;
-    for (int64_t t0 = k0; t0 < k1;) {
-      // A tile never crosses the sink boundary or the ring's wrap point, so its K/V rows are
-      // consecutive in memory and are read in place.
-      const int64_t first = slot_of(t0, sink_, ring, s.ring_offset);
-      const int64_t run = t0 < sink_ ? sink_ - t0 : cap_ - first;
-      const int64_t nt = std::min({tile, k1 - t0, run});
-      const scalar_t* krows = kc_ + head_base + first * d;
-      const scalar_t* vrows = vc_ + head_base + first * d;
-      const float* kf;
-      const float* vf;
-      if constexpr (kFloat) {
-        kf = krows;
-        vf = vrows;
-      } else {
-        for (int64_t i = 0; i < nt * d; ++i) kbuf[i] = static_cast<float>(krows[i]);
-        for (int64_t i = 0; i < nt * d; ++i) vbuf[i] = static_cast<float>(vrows[i]);
-        kf = kbuf;
-        vf = vbuf;
-      }
-      gemm_.qk(rows, nt, d, qs, d, kf, d, sp, tile, gemm_scratch);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* srow = sp + r * tile;
-        const int64_t visible = std::clamp<int64_t>(limit[r] - t0 + 1, 0, nt);
-        const float tile_max = row_max(srow, visible);
-        const float m_new = std::max(part.m[r], tile_max);
-        if (m_new == kNegInf) {  // nothing visible yet for this row
-          std::fill(srow, srow + nt, 0.f);
-          continue;
-        }
-        const float sum = exp2_shift_sum(srow, visible, m_new);
-        std::fill(srow + visible, srow + nt, 0.f);
-        const float alpha = fast_exp2(part.m[r] - m_new);  // 0 when m was -inf
-        part.l[r] = part.l[r] * alpha + sum;
-        part.m[r] = m_new;
-        if (alpha != 1.f) {
-          float* orow = part.o + r * d;
-          for (int64_t i = 0; i < d; ++i) orow[i] *= alpha;
-        }
-      }
-      gemm_.pv_accumulate(rows, d, nt, sp, tile, vf, d, part.o, d);
-      t0 += nt;
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      // decode-sized items (a few rows) stay on the fp32 path: there the tile packing costs
+      // more than AMX saves (measured: Sq 1 at L 1024-4096 ran 1.3x slower on AMX)
+      if (amx_ && rows > 16)
+        return run_tiles_amx(b, hk, r0, rows, k0, k1, tile, limit, part, scratch);
     }
+    run_tiles_fp32(b, hk, r0, rows, k0, k1, tile, limit, part, scratch.f);
   }
 
   // Normalises merged rows and writes out [B, Sq, Hq, D] and lse [B, Hq, Sq].
@@ -155,12 +119,148 @@ class AttentionCpu {
   int64_t d() const { return d_; }
 
  private:
+  // Causal limit of each row and a fresh partial; returns the largest limit.
+  int64_t start_rows(int64_t b, int64_t r0, int64_t rows, Partial part,
+                     std::vector<int64_t>& limit) const {
+    const SeqInfo& s = seqs_[b];
+    int64_t max_limit = -1;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = (r0 + r) % s.q_len;
+      limit[r] = s.kv_len - s.q_len + pos;
+      max_limit = std::max(max_limit, limit[r]);
+      part.m[r] = kNegInf;
+      part.l[r] = 0.f;
+    }
+    std::fill(part.o, part.o + rows * d_, 0.f);
+    return max_limit;
+  }
+
+  const scalar_t* q_row(int64_t b, int64_t hk, int64_t row) const {
+    const int64_t g = row / seqs_[b].q_len, pos = row % seqs_[b].q_len;
+    return q_.data_ptr<scalar_t>() + b * q_.stride(0) + (hk * group_ + g) * q_.stride(1) +
+           pos * q_.stride(2);
+  }
+
+  // The next tile from logical key t0: it never crosses the sink boundary or the ring's wrap
+  // point, so its K/V rows are consecutive in memory and are read in place.
+  struct Tile {
+    const scalar_t* k;
+    const scalar_t* v;
+    int64_t n;
+  };
+  Tile tile_at(int64_t b, int64_t hk, int64_t t0, int64_t k1, int64_t tile) const {
+    const int64_t ring = cap_ - sink_;
+    const int64_t first = slot_of(t0, sink_, ring, seqs_[b].ring_offset);
+    const int64_t run = t0 < sink_ ? sink_ - t0 : cap_ - first;
+    const int64_t base = ((b * hkv_ + hk) * cap_ + first) * d_;
+    return {kc_ + base, vc_ + base, std::min({tile, k1 - t0, run})};
+  }
+
+  // Online softmax over one tile of log2-unit scores sp[rows, lds]: turns the visible scores
+  // into unnormalised probabilities (zeros after them, up to nt), updates m and l, and rescales
+  // the output rows for the new maximum.
+  void softmax_tile(int64_t rows, int64_t t0, int64_t nt, const std::vector<int64_t>& limit,
+                    float* sp, int64_t lds, Partial part) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* srow = sp + r * lds;
+      const int64_t visible = std::clamp<int64_t>(limit[r] - t0 + 1, 0, nt);
+      const float tile_max = row_max(srow, visible);
+      const float m_new = std::max(part.m[r], tile_max);
+      if (m_new == kNegInf) {  // nothing visible yet for this row
+        std::fill(srow, srow + nt, 0.f);
+        continue;
+      }
+      const float sum = exp2_shift_sum(srow, visible, m_new);
+      std::fill(srow + visible, srow + nt, 0.f);
+      const float alpha = fast_exp2(part.m[r] - m_new);  // 0 when m was -inf
+      part.l[r] = part.l[r] * alpha + sum;
+      part.m[r] = m_new;
+      if (alpha != 1.f) {
+        float* orow = part.o + r * d_;
+        for (int64_t i = 0; i < d_; ++i) orow[i] *= alpha;
+      }
+    }
+  }
+
+  // fp32 tile GEMMs; a bf16 cache is widened to fp32 tile by tile.
+  void run_tiles_fp32(int64_t b, int64_t hk, int64_t r0, int64_t rows, int64_t k0, int64_t k1,
+                      int64_t tile, const std::vector<int64_t>& limit, Partial part,
+                      std::vector<float>& scratch) const {
+    const int64_t d = d_;
+    scratch.resize(rows * d + rows * tile + 3 * tile * d);
+    float* qs = scratch.data();          // [rows, D] queries, pre-scaled into log2 units
+    float* sp = qs + rows * d;           // [rows, tile] scores, then probabilities
+    float* kbuf = sp + rows * tile;      // [tile, D] K rows converted to fp32 (bf16 only)
+    float* vbuf = kbuf + tile * d;       // [tile, D] V rows converted to fp32 (bf16 only)
+    float* gemm_scratch = vbuf + tile * d;  // K^T for the brgemm fallback
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* src = q_row(b, hk, r0 + r);
+      for (int64_t i = 0; i < d; ++i) qs[r * d + i] = static_cast<float>(src[i]) * scale_log2_;
+    }
+    for (int64_t t0 = k0; t0 < k1;) {
+      const Tile t = tile_at(b, hk, t0, k1, tile);
+      const float* kf;
+      const float* vf;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        kf = t.k;
+        vf = t.v;
+      } else {
+        for (int64_t i = 0; i < t.n * d; ++i) kbuf[i] = static_cast<float>(t.k[i]);
+        for (int64_t i = 0; i < t.n * d; ++i) vbuf[i] = static_cast<float>(t.v[i]);
+        kf = kbuf;
+        vf = vbuf;
+      }
+      gemm_.qk(rows, t.n, d, qs, d, kf, d, sp, tile, gemm_scratch);
+      softmax_tile(rows, t0, t.n, limit, sp, tile, part);
+      gemm_.pv_accumulate(rows, d, t.n, sp, tile, vf, d, part.o, d);
+      t0 += t.n;
+    }
+  }
+
+  // bf16 on AMX: Q and the packed K/V tiles stay bf16, scores and O accumulate in fp32, and
+  // the probabilities are rounded to bf16 for P.V (as FlashAttention does on tensor cores).
+  void run_tiles_amx(int64_t b, int64_t hk, int64_t r0, int64_t rows, int64_t k0, int64_t k1,
+                     int64_t tile, const std::vector<int64_t>& limit, Partial part,
+                     Scratch& scratch) const {
+    const int64_t d = d_;
+    scratch.f.resize(rows * tile);
+    scratch.h.resize(rows * d + 2 * tile * d + rows * tile);
+    float* sp = scratch.f.data();         // [rows, tile] scores, then probabilities
+    c10::BFloat16* qb = scratch.h.data();  // [rows, D] queries as stored
+    c10::BFloat16* kp = qb + rows * d;     // K^T tile, VNNI
+    c10::BFloat16* vp = kp + tile * d;     // V tile, VNNI
+    c10::BFloat16* pb = vp + tile * d;     // [rows, np] probabilities in bf16
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(qb + r * d, q_row(b, hk, r0 + r), d * sizeof(c10::BFloat16));
+    for (int64_t t0 = k0; t0 < k1;) {
+      const Tile t = tile_at(b, hk, t0, k1, tile);
+      const int64_t np = AmxTileGemm::padded(t.n);
+      AmxTileGemm::pack_k(t.k, t.n, np, d, kp);
+      AmxTileGemm::pack_v(t.v, t.n, np, d, vp);
+      AmxTileGemm::qk(rows, np, d, qb, kp, sp, tile);
+      for (int64_t r = 0; r < rows; ++r) {  // into log2 units
+        float* srow = sp + r * tile;
+        for (int64_t i = 0; i < t.n; ++i) srow[i] *= scale_log2_;
+      }
+      softmax_tile(rows, t0, t.n, limit, sp, tile, part);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* srow = sp + r * tile;
+        c10::BFloat16* prow = pb + r * np;
+        probabilities_to_bf16(srow, reinterpret_cast<uint16_t*>(prow), t.n);
+        std::fill(prow + t.n, prow + np, c10::BFloat16(0.f));
+      }
+      AmxTileGemm::pv_accumulate(rows, d, np, pb, vp, part.o);
+      t0 += t.n;
+    }
+  }
+
   const at::Tensor& q_;
   const scalar_t* kc_;
   const scalar_t* vc_;
   std::vector<SeqInfo> seqs_;
   int64_t sink_, batch_, hq_, sq_, d_, hkv_, cap_, group_;
   float scale_log2_;
+  bool amx_;  // bf16 tiles on AMX (run_tiles_amx) instead of widening to fp32
   TileGemm gemm_;
 };
 
@@ -193,7 +293,8 @@ void run_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   std::vector<float> part_ml(splits > 1 ? items * kRowBlock * 2 : 0);
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch, own_o(kRowBlock * d), own_m(kRowBlock), own_l(kRowBlock);
+    Scratch scratch;
+    std::vector<float> own_o(kRowBlock * d), own_m(kRowBlock), own_l(kRowBlock);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t split = it % splits, rb = (it / splits) % row_blocks;
       const int64_t hk = (it / splits / row_blocks) % hkv, b = it / splits / row_blocks / hkv;
@@ -211,6 +312,7 @@ void run_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       if (splits == 1) attn.write_rows(b, hk, r0, rows, part.o, part.m, part.l, out, lse);
     }
     TileGemm::release();
+    if (AmxTileGemm::available()) AmxTileGemm::release();
   });
   if (splits == 1) return;
 
