@@ -17,6 +17,12 @@ Two variants of ``append``, neither in the paper:
   ``<MARK_R>`` the one right after its last, where the first target is predicted. RoPE sees only
   position differences, so this is the geometry of a prepended passage. ``"after"`` is the
   paper's contiguous positions.
+* both, ``"before"`` with an echo of ``k``: ``src | E | src[-k:] | tgt`` where all of ``E`` takes
+  the positions just before the context (exactly a prepended passage's) and the echo repeats the
+  context's last ``k`` tokens AT THEIR OWN positions, so the first target is predicted from the
+  context's last token, as in prepend, only this copy has read the passage. Without it
+  ``<MARK_R>`` must stand in for the context's last token, and that first target is where the
+  "before" adapter loses to prepend (docs/RESULTS.md).
 
 Training (:mod:`.pipeline.batches`), evaluation and the engine (:mod:`.engine.blocks`) all build
 their token rows and positions here, and every combination is validated here, once.
@@ -46,16 +52,13 @@ def check_echo(layout: str, echo: int) -> None:
 
 
 def check_passage_positions(layout: str, markers, passage_positions: str, echo: int = 0) -> None:
-    """``"before"`` is a variant of the append layout with markers and no echo only."""
+    """``"before"`` is a variant of the append layout with markers only (with or without echo)."""
     if passage_positions not in PASSAGE_POSITIONS:
         raise ValueError(f"passage_positions must be one of {PASSAGE_POSITIONS}, "
                          f"got {passage_positions!r}")
     if passage_positions == "before":
         if layout != "append":
             raise ValueError(f"passage_positions 'before' needs the append layout, got {layout!r}")
-        if echo:
-            raise ValueError("passage_positions 'before' and a context echo (echo_tokens) do not "
-                             "combine")
         if not markers:
             # without <MARK_R> the first target would be predicted at a passage token
             raise ValueError("passage_positions 'before' needs the marking tokens (<MARK_R> is "
@@ -71,13 +74,21 @@ def check_attention_for_positions(model, passage_positions: str) -> None:
                          "(it would read the positions as packed sequences)")
 
 
-def before_positions(start: int, n_context: int, n_e: int) -> tuple[list[int], int]:
-    """``passage_positions="before"``: the rotary positions of a ``[n_context context tokens | E]``
-    run whose first token takes position ``start`` (``E`` = ``<MARK_L> e <MARK_R>``, ``n_e``
-    tokens), and the shift (slot - rotary position) of every token after it. ``<MARK_L> e`` sit
-    just before position 0 (the context's first token), ``<MARK_R>`` right after the context."""
-    end = start + n_context  # the context's length: <MARK_R>'s rotary position
-    return list(range(start, end)) + list(range(-(n_e - 1), 0)) + [end], n_e - 1
+def before_positions(start: int, n_context: int, n_e: int,
+                     n_echo: int = 0) -> tuple[list[int], int]:
+    """``passage_positions="before"``: the rotary positions of a ``[n_context context tokens | E |
+    n_echo echoed tokens]`` run whose first token takes position ``start`` (``E`` = ``<MARK_L> e
+    <MARK_R>``, ``n_e`` tokens), and the shift (slot - rotary position) of every token after it.
+    Without echo ``<MARK_L> e`` sit just before position 0 (the context's first token) and
+    ``<MARK_R>`` right after the context; with one, all of ``E`` sits before position 0 and the
+    echo repeats the positions of the context's last ``n_echo`` tokens."""
+    end = start + n_context  # the context's length (the rotary position after it)
+    context = list(range(start, end))
+    if not n_echo:
+        return context + list(range(-(n_e - 1), 0)) + [end], n_e - 1
+    if n_echo > end:
+        raise ValueError(f"an echo of {n_echo} tokens needs as many context tokens, got {end}")
+    return context + list(range(-n_e, 0)) + list(range(end - n_echo, end)), n_e + n_echo
 
 
 @dataclass(frozen=True)
@@ -121,13 +132,17 @@ class Layout:
 
     def positions(self, src: Sequence[int], e: Sequence[int], tgt: Sequence[int]) -> list[int]:
         """The rotary position of each token of :meth:`tokens`: ``0, 1, 2...`` for ``"after"``;
-        for ``"before"`` :func:`before_positions` shifted to start at 0 (``<MARK_L> e`` take
-        ``0 .. len(e)``, the context the next ``len(src)``, then ``<MARK_R>`` and the targets)."""
+        for ``"before"`` :func:`before_positions` shifted to start at 0 (without echo ``<MARK_L>
+        e`` take ``0 .. len(e)``, the context the next ``len(src)``, then ``<MARK_R>`` and the
+        targets; with one, ``E`` and the context take a prepended layout's positions, the echo
+        its context tokens' own, the targets follow the context)."""
         if not self.before:
             return list(range(len(self.tokens(src, e, tgt)[0])))
-        pos, shift = before_positions(0, len(src), len(e) + 2)
-        end = pos[-1]
-        return [p + shift for p in pos] + list(range(end + 1 + shift, end + 1 + shift + len(tgt)))
+        pos, shift = before_positions(0, len(src), len(e) + 2, len(self.echo_of(src)))
+        first_target = len(pos) - shift  # slot - shift, as every later token's
+        offset = -min(pos)
+        return [p + offset for p in pos] + list(range(first_target + offset,
+                                                      first_target + offset + len(tgt)))
 
 
 def layout_tokens(ex, layout: str, markers: Optional[tuple[int, int]],

@@ -49,10 +49,11 @@ def test_static_step_matches_eager_engine(tiny, mode):
     assert timing.decode_steps > 0 and timing.graph_steps == timing.decode_steps
 
 
-def test_static_step_follows_passages_before_the_context(tiny):
+@pytest.mark.parametrize("echo", [0, 3])
+def test_static_step_follows_passages_before_the_context(tiny, echo):
     # passage_positions="before": decode steps run at slot - shift; the static step must agree
-    _, eager = _run(tiny, False, passage_positions="before")
-    gen, static = _run(tiny, True, passage_positions="before")
+    _, eager = _run(tiny, False, passage_positions="before", echo_tokens=echo)
+    gen, static = _run(tiny, True, passage_positions="before", echo_tokens=echo)
     _assert_same(eager, static, 1e-6)
     assert static[0].trace_positions == eager[0].trace_positions
     assert static[0].trace_positions[-1][-1] < len(static[0].trace[-1][0]) - 1  # shifted

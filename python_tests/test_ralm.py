@@ -163,20 +163,50 @@ def test_passages_before_the_context_in_rotary_positions(tiny):
     assert (other.trace[0][1] - r.trace[0][1]).abs().max() > 1e-4
 
 
-def test_engine_scores_with_passages_before_like_a_forward(tiny):
+def test_passages_before_with_an_echo_in_rotary_positions(tiny):
+    # "before" + echo 3: the block is new | E | echo; E sits before the context, the echo at the
+    # positions of the tokens it repeats, the new tokens follow the context
+    tok = ByteTokenizer(markers=True)
+    gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=4, passage_tokens=10,
+                        passage_positions="before", echo_tokens=3)
+    results = gen.generate(["abcdefgh", "xy", "a longer prompt than those"], max_new_tokens=11,
+                           trace=True, stop_on_eos=False)
+    assert max_trace_error(tiny, results) <= 1e-3
+    r = results[0]
+    seq0, pos0 = r.trace[0][0], r.trace_positions[0]  # prompt | <MARK_L> e <MARK_R> | fgh
+    n_e = len(seq0) - 8 - 3
+    assert seq0[8] == 257 and seq0[8 + n_e - 1] == 258 and seq0[-3:] == list(b"fgh")
+    assert pos0 == list(range(8)) + list(range(-n_e, 0)) + [5, 6, 7]
+    assert r.trace_positions[1][-1] == 8  # the first new token follows the context
+    # after the 2nd retrieval at 4 new tokens: prompt + 4 new | E_new | echo 3 | 1 new token
+    seq5, pos5 = r.trace[5][0], r.trace_positions[5]
+    n_e = len(seq5) - 12 - 3 - 1
+    assert pos5 == list(range(12)) + list(range(-n_e, 0)) + [9, 10, 11, 12]
+    short = results[1]  # a prompt shorter than the echo is echoed whole, at its positions
+    assert short.trace[0][0][-2:] == list(b"xy") and short.trace_positions[0][-2:] == [0, 1]
+
+
+@pytest.mark.parametrize("echo", [0, 2])
+def test_engine_scores_with_passages_before_like_a_forward(tiny, echo):
     tok = ByteTokenizer(markers=True)
     gen = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), stride=3, passage_tokens=10,
-                        passage_positions="before")
+                        passage_positions="before", echo_tokens=echo)
     src, e, tgt = list(b"the context here"), list(b"a passage"), list(b"next")
     got = gen.score(src, e, tgt)
-    seq = src + [257, *e, 258] + tgt
-    n_e = len(e) + 1
-    pos = list(range(n_e, n_e + len(src))) + list(range(n_e)) + \
-        list(range(n_e + len(src), n_e + len(src) + 1 + len(tgt)))
+    seq = src + [257, *e, 258] + src[len(src) - echo:] + tgt
+    if echo:  # E before the context, the echo at its own positions, then the targets
+        n_e = len(e) + 2
+        pos = list(range(n_e, n_e + len(src))) + list(range(n_e)) \
+            + list(range(n_e + len(src) - echo, n_e + len(src) + len(tgt)))
+    else:  # <MARK_L> e before the context, <MARK_R> after it
+        n_e = len(e) + 1
+        pos = list(range(n_e, n_e + len(src))) + list(range(n_e)) + \
+            list(range(n_e + len(src), n_e + len(src) + 1 + len(tgt)))
     with torch.no_grad():
         logits = tiny(torch.tensor([seq]), position_ids=torch.tensor([pos]),
                       attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits[0].float()
-    want = torch.log_softmax(logits[len(src) + n_e: -1], -1)[torch.arange(len(tgt)), torch.tensor(tgt)]
+    first = len(seq) - len(tgt) - 1  # the token that predicts the first target
+    want = torch.log_softmax(logits[first: -1], -1)[torch.arange(len(tgt)), torch.tensor(tgt)]
     torch.testing.assert_close(torch.tensor(got), want, atol=1e-4, rtol=1e-4)
 
 
@@ -201,7 +231,7 @@ def test_engine_in_bf16_is_as_exact_as_plain_bf16(tiny, mode):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(passage_positions="middle"), "passage_positions must be one of"),
     (dict(passage_positions="before", mode="prepend"), "'before' needs the append layout"),
-    (dict(passage_positions="before", echo_tokens=2), "and a context echo .* do not combine"),
+    (dict(passage_positions="before", echo_tokens=2, use_markers=False), "needs the marking"),
     (dict(passage_positions="before"), "needs the marking tokens"),
     (dict(echo_tokens=-1), "echo_tokens must be an int >= 0"),
     (dict(echo_tokens=2, mode="prepend"), r"echo \(echo_tokens=2\) needs the append layout"),

@@ -671,7 +671,7 @@ def test_passage_positions_before_are_the_prepend_geometry(model, tok, setup):
         assert float((plain[0, start:] - shifted[0, start:]).abs().max()) > 1e-4
     for layout, markers, echo, match in [("prepend", None, 0, "needs the append layout"),
                                          ("append", None, 0, "needs the marking tokens"),
-                                         ("append", ids, 2, "do not combine")]:
+                                         ("append", None, 2, "needs the marking tokens")]:
         with pytest.raises(ValueError, match=match):
             Collator(layout, markers, 0, echo=echo, passage_positions="before")
     with pytest.raises(ValueError, match="passage_positions must be one of"):
@@ -680,6 +680,47 @@ def test_passage_positions_before_are_the_prepend_geometry(model, tok, setup):
     with pytest.raises(ValueError, match="needs sdpa or eager attention"):
         perplexity(model, tok, exs, "append", markers=True, passage_positions="before",
                    progress=False)
+
+
+@pytest.mark.parametrize("echo", [1, 3])
+def test_passages_before_with_an_echo_take_a_prepended_layouts_positions(model, tok, setup, echo):
+    # "before" + echo k: src | <MARK_L> e <MARK_R> | src[-k:] | tgt, where E takes a prepended
+    # passage's positions, the context the next ones, the echo its own tokens' positions again
+    # and the targets follow the context: the first target is predicted from a copy of the
+    # context's last token at that token's position
+    docs, retriever = setup
+    exs = build_examples(docs, tok, retriever, stride=8, query_tokens=6, passage_tokens=16,
+                         budget=64, max_examples=6, progress=False)
+    ids = add_marking_tokens(model, tok)
+    ex = exs[0]
+    tokens, start = layout_tokens(ex, "append", ids, echo=echo)
+    pos = layout_positions(ex, "append", ids, echo=echo, passage_positions="before")
+    n_e, n_src = len(ex.e) + 2, len(ex.src)
+    assert len(pos) == len(tokens) and start == n_src + n_e + echo
+    assert pos[:n_src] == list(range(n_e, n_e + n_src))                 # the context after E
+    assert pos[n_src:n_src + n_e] == list(range(n_e))                   # all of E from 0
+    assert tokens[n_src + n_e - 1] == ids[1]
+    assert tokens[n_src + n_e:start] == list(ex.src[-echo:])            # the echo...
+    assert pos[n_src + n_e:start] == pos[n_src - echo:n_src]            # ...at its own positions
+    assert pos[start:] == list(range(n_e + n_src, n_e + n_src + len(ex.tgt)))
+    # batched (left-padded) = one example at a time
+    batch = Collator("append", ids, 0, echo=echo, passage_positions="before")(exs)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        for i, one_ex in enumerate(exs):
+            toks, _ = layout_tokens(one_ex, "append", ids, echo=echo)
+            one_pos = layout_positions(one_ex, "append", ids, echo=echo,
+                                       passage_positions="before")
+            one = model(input_ids=torch.tensor([toks]), position_ids=torch.tensor([one_pos]),
+                        attention_mask=torch.ones(1, len(toks), dtype=torch.long)).logits
+            torch.testing.assert_close(logits[i, -len(toks):], one[0], atol=2e-5, rtol=0)
+    # the evaluator scores the targets at these positions (not the contiguous ones)
+    got = perplexity(model, tok, exs, "append", markers=True, echo=echo,
+                     passage_positions="before", progress=False)["nll"]
+    contiguous = perplexity(model, tok, exs, "append", markers=True, echo=echo,
+                            progress=False)["nll"]
+    assert got != contiguous
 
 
 def test_training_with_passages_before_sees_those_positions(tok, setup, tmp_path):

@@ -45,7 +45,9 @@ def add_commands(sub) -> None:
     train.add_argument("--passage-positions", choices=["after", "before"], default="after",
                        help="not in the paper: 'before' gives the appended passage the rotary "
                             "positions of a prepended one and <MARK_R> the position after the "
-                            "context (--layout append with markers; eval reads it from the "
+                            "context; with --echo-tokens K all of <MARK_L> passage <MARK_R> sits "
+                            "before the context and the echo at its own tokens' positions "
+                            "(--layout append with markers; eval and the engine read it from the "
                             "adapter; default 'after': the paper's contiguous positions)")
     train.add_argument("--distill-from", default=None, metavar="ADAPTER",
                        help="not in the paper: also learn the next-token distribution this "

@@ -87,10 +87,10 @@ class AppendBlocks:
                 blocks.append([])
                 rope.append([])
                 continue
-            new = s.tokens[s.context_end:]
-            blocks.append(new + e + self.layout.echo_of(s.tokens))
+            new, echo = s.tokens[s.context_end:], self.layout.echo_of(s.tokens)
+            blocks.append(new + e + echo)
             if self.layout.before:
-                pos, s.shift = before_positions(s.context_end, len(new), len(e))
+                pos, s.shift = before_positions(s.context_end, len(new), len(e), len(echo))
                 rope.append(pos)
             s.context_end = len(s.tokens)
         return Step("block", blocks, rope=rope if self.layout.before else None)

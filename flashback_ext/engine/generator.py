@@ -51,7 +51,8 @@ class RALMGenerator:
             the rotary positions just before the context's first token and ``<MARK_R>`` the one
             after its last; the new tokens follow ``<MARK_R>`` (the layout an adapter trained
             with ``--passage-positions before`` expects, :func:`flashback_ext.layout.layout_positions`; not in
-            the paper). ``"after"``: the paper's contiguous positions.
+            the paper). With ``echo_tokens`` as well, all of ``E`` sits before the context and
+            the echo at its tokens' own positions. ``"after"``: the paper's contiguous positions.
         use_markers: wrap passages in ``<MARK_L> … <MARK_R>``; default: when the tokenizer has them.
         capacity: cache slots per sequence; default: enough for the prompt, the new tokens and
             one retrieval block.
