@@ -28,7 +28,10 @@ GOALS = {"in": {"N.": 1.0, "P.+LoRA": 1.03}, "out": {"N.": 1.0, "P.": 1.05}}
 
 
 def layout_name(row: dict) -> str:
-    return "before" if row.get("passage_positions") == "before" else "paper"
+    """``paper`` or ``before`` (the passage positions), with the context echo where there is one."""
+    name = "before" if row.get("passage_positions") == "before" else "paper"
+    echo = int(row.get("echo_tokens") or 0)
+    return f"{name} + echo {echo}" if echo else name
 
 
 def load_runs(path: Path) -> list[dict]:
@@ -58,7 +61,11 @@ def pool(files: list[tuple[str, Path]]) -> dict:
                                          "not the same examples or model")
                     cell["base"].setdefault(row["name"], row)
                 elif row["name"] == "A.+LoRA+M.T.":
-                    cell["append"][layout_name(row)] = row
+                    layout = layout_name(row)
+                    if layout in cell["append"]:  # two adapters of one layout: which is which?
+                        raise SystemExit(f"{path}: a second {layout!r} A.+LoRA+M.T. row at "
+                                         f"{run['passage_tokens']} tokens; pool one per layout")
+                    cell["append"][layout] = row
     return cells
 
 

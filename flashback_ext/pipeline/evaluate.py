@@ -141,9 +141,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         ratio_n = f"{r['ppl'] / n:.3f}" if n else "—"
         ratio_p = f"{r['ppl'] / p:.3f}" if p else "—"
-        echo = r.get("echo_tokens")
-        adapter = (r["adapter"] or "base") + (f" + echo {echo}" if echo else "") \
-            + (" + passage before" if r.get("passage_positions") == "before" else "")
+        adapter = _adapter_label(r)
         lines.append(f"| {r['name']} | {r['layout']} | {adapter} | "
                      f"{'yes' if r['markers'] else 'no'} | {r['ppl']:.3f} | {ratio_n} | {ratio_p} |")
     return "\n".join(lines)
@@ -233,6 +231,13 @@ def append_ratios(rows: Sequence[dict]) -> dict:
     return out
 
 
+def _adapter_label(row: dict) -> str:
+    """The adapter column of the tables: its name and the layout variants it was trained in."""
+    echo = row.get("echo_tokens")
+    return (row["adapter"] or "base") + (f" + echo {echo}" if echo else "") \
+        + (" + passage before" if row.get("passage_positions") == "before" else "")
+
+
 def sweep_table(runs: Sequence[dict]) -> str:
     """One markdown table for a passage-length sweep: ``runs`` = ``[{"passage_tokens": n, "rows":
     [...], "ratios": append_ratios(rows)}]``; a row per (length, setting) with its perplexity and,
@@ -251,8 +256,7 @@ def sweep_table(runs: Sequence[dict]) -> str:
                     cells.append(f"{r['ppl'] / by_name[ref]:.3f}")
                 else:
                     cells.append("—")
-            adapter = (r["adapter"] or "base") + (
-                " + passage before" if r.get("passage_positions") == "before" else "")
+            adapter = _adapter_label(r)
             lines.append(f"| {run['passage_tokens']} | {r['name']} | {adapter} | {r['ppl']:.3f} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -155,10 +155,11 @@ def test_passage_leak_diagnostic_swaps_only_the_passage(tmp_path, tiny_exported,
                            progress=False)
 
 
-def _eval_row(name, nll_sums, counts, positions="after"):
+def _eval_row(name, nll_sums, counts, positions="after", echo=0):
     import math as _m
-    return {"name": name, "passage_positions": positions, "nll_sum_by_example": nll_sums,
-            "tokens_by_example": counts, "ppl": _m.exp(sum(nll_sums) / sum(counts))}
+    return {"name": name, "passage_positions": positions, "echo_tokens": echo,
+            "nll_sum_by_example": nll_sums, "tokens_by_example": counts,
+            "ppl": _m.exp(sum(nll_sums) / sum(counts))}
 
 
 def test_goal_table_pairs_rows_across_runs(tmp_path):
@@ -191,6 +192,18 @@ def test_goal_table_pairs_rows_across_runs(tmp_path):
     res = subprocess.run([sys.executable, script, f"in={a}", f"in={b}"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "not the same examples" in res.stderr
+    # an echo adapter is its own layout; two adapters of one layout cannot be told apart
+    single["rows"] = [_eval_row("A.+LoRA+M.T.", before, counts, "before", echo=1)]
+    b.write_text(json.dumps(single))
+    res = subprocess.run([sys.executable, script, f"in={a}", f"in={b}", "--json", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert {r["layout"] for r in json.loads(out.read_text())["rows"]} == {"before", "before + echo 1"}
+    single["rows"] = [_eval_row("A.+LoRA+M.T.", paper, counts, "before")]
+    b.write_text(json.dumps(single))
+    res = subprocess.run([sys.executable, script, f"in={a}", f"in={b}"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "a second 'before'" in res.stderr
     for bad, says in (([f"x={a}"], "expected in=JSON"), ([f"in={tmp_path / 'no.json'}"], "unreadable")):
         res = subprocess.run([sys.executable, script, *bad], capture_output=True, text=True, timeout=60)
         assert res.returncode != 0 and says in res.stderr
