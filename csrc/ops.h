@@ -16,4 +16,7 @@ void kv_append_cpu(const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor&
                    at::Tensor& v_cache, const at::Tensor& write_pos,
                    const at::Tensor& ring_offset, int64_t sink);
 
+// y [M, sum N_i] = x [M, K] . concat(W_i [N_i, K])^T, bf16; fast for a few rows (decode).
+at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights);
+
 }  // namespace flashback

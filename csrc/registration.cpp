@@ -18,9 +18,11 @@ TORCH_LIBRARY(flashback, m) {
   m.def(
       "append_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_lens, "
       "Tensor ring_offset, int sink, float scale, Tensor? q_lens) -> (Tensor out, Tensor lse)");
+  m.def("decode_linear(Tensor x, Tensor[] weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flashback, CPU, m) {
   m.impl("kv_append", &flashback::kv_append_cpu);
   m.impl("append_attention", &flashback::append_attention_cpu);
+  m.impl("decode_linear", &flashback::decode_linear_cpu);
 }

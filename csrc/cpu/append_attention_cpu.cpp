@@ -5,8 +5,9 @@
 // tile is read once per kv head (GQA packing). Each item runs an online softmax over tiles of
 // up to kKeyTile keys: S = Q K^T and O += P V are tile GEMMs, fp32 ones (tile_gemm.h) that read
 // K/V rows in place, or for bf16 on CPUs with AMX, bf16 ones on packed K/V tiles
-// (tile_gemm_amx.h; elsewhere bf16 rows are widened to fp32); the softmax in between is AVX2
-// (cpu_math.h).
+// (tile_gemm_amx.h), or for bf16 decode-sized items on CPUs with AVX512-BF16, dot products on
+// the K/V rows in place (tile_dot_bf16.h); elsewhere bf16 rows are widened to fp32. The softmax
+// in between is AVX2 (cpu_math.h).
 // No [Sq, L] score matrix is ever materialised. Decode-sized problems have few items, so the KV
 // range is split and the partial results merged by their log-sum-exp.
 #include <ATen/ATen.h>
@@ -22,6 +23,7 @@
 #include "../checks.h"
 #include "cpu_math.h"
 #include "tile_gemm.h"
+#include "tile_dot_bf16.h"
 #include "tile_gemm_amx.h"
 
 namespace flashback {
@@ -82,7 +84,8 @@ class AttentionCpu {
         seqs_(std::move(seqs)), sink_(sink), batch_(q.size(0)), hq_(q.size(1)), sq_(q.size(2)),
         d_(q.size(3)), hkv_(k_cache.size(1)), cap_(k_cache.size(2)),
         group_(hq_ / hkv_), scale_log2_(static_cast<float>(scale) * kLog2e),
-        amx_(!std::is_same_v<scalar_t, float> && d_ % 2 == 0 && AmxTileGemm::available()) {}
+        amx_(!std::is_same_v<scalar_t, float> && d_ % 2 == 0 && AmxTileGemm::available()),
+        dot_(!std::is_same_v<scalar_t, float> && Bf16DotTiles::available()) {}
 
   // Runs rows [r0, r0+rows) of (b, hk) over logical keys [k0, k1), writing into `part`.
   void run_item(int64_t b, int64_t hk, int64_t r0, int64_t rows, int64_t k0, int64_t k1,
@@ -92,6 +95,8 @@ class AttentionCpu {
     const int64_t max_limit = start_rows(b, r0, rows, part, limit);
     k1 = std::min(k1, max_limit + 1);
     if constexpr (!std::is_same_v<scalar_t, float>) {
+      if (dot_ && Bf16DotTiles::handles(rows, d_))
+        return run_tiles_dot(b, hk, r0, rows, k0, k1, tile, limit, part, scratch);
       // decode-sized items (a few rows) stay on the fp32 path: there the tile packing costs
       // more than AMX saves (measured: Sq 1 at L 1024-4096 ran 1.3x slower on AMX)
       if (amx_ && rows > 16)
@@ -217,6 +222,26 @@ class AttentionCpu {
     }
   }
 
+  // bf16 decode-sized items on AVX512-BF16: scores and P.V straight from the K/V rows.
+  void run_tiles_dot(int64_t b, int64_t hk, int64_t r0, int64_t rows, int64_t k0, int64_t k1,
+                     int64_t tile, const std::vector<int64_t>& limit, Partial part,
+                     Scratch& scratch) const {
+    const int64_t d = d_;
+    scratch.f.resize(rows * tile);
+    scratch.h.resize(rows * d);
+    float* sp = scratch.f.data();          // [rows, tile] scores, then probabilities
+    c10::BFloat16* qb = scratch.h.data();  // [rows, D] queries as stored
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(qb + r * d, q_row(b, hk, r0 + r), d * sizeof(c10::BFloat16));
+    for (int64_t t0 = k0; t0 < k1;) {
+      const Tile t = tile_at(b, hk, t0, k1, tile);
+      Bf16DotTiles::qk(rows, t.n, d, qb, d, t.k, scale_log2_, sp, tile);
+      softmax_tile(rows, t0, t.n, limit, sp, tile, part);
+      Bf16DotTiles::pv_accumulate(rows, t.n, d, sp, tile, t.v, part.o);
+      t0 += t.n;
+    }
+  }
+
   // bf16 on AMX: Q and the packed K/V tiles stay bf16, scores and O accumulate in fp32, and
   // the probabilities are rounded to bf16 for P.V (as FlashAttention does on tensor cores).
   void run_tiles_amx(int64_t b, int64_t hk, int64_t r0, int64_t rows, int64_t k0, int64_t k1,
@@ -261,6 +286,7 @@ class AttentionCpu {
   int64_t sink_, batch_, hq_, sq_, d_, hkv_, cap_, group_;
   float scale_log2_;
   bool amx_;  // bf16 tiles on AMX (run_tiles_amx) instead of widening to fp32
+  bool dot_;  // bf16 decode-sized items by AVX512-BF16 dot products (run_tiles_dot)
   TileGemm gemm_;
 };
 

@@ -7,7 +7,10 @@ the bf16 projections run oneDNN's prepacked weights.
 
 The step is an explicit loop over the decoder layers (embedding, rotary embedding, every layer,
 final norm, LM head) rather than a call of the Hugging Face model's ``forward``, whose
-output-capturing wrapper ends a compiled graph. Shapes are static: one token per sequence of a
+output-capturing wrapper ends a compiled graph. For the Llama, Mistral and Qwen2 decoder layers
+the loop also spells out the layer (norm, attention, residual, norm, MLP, residual) so that the
+MLP's gate/up projections run as one fused product (:mod:`.projections`); other layers are
+called whole. Shapes are static: one token per sequence of a
 fixed batch on a fixed cache, so the step compiles once per :class:`~.cuda_graph.DecodeGraph` and
 never again while the cache lives (the tests check it). The flashback ops are traced through their
 fake kernels and run the compiled C++ kernels.
@@ -18,7 +21,20 @@ from typing import Callable
 
 import torch
 
+from .projections import mlp_forward
+
 __all__ = ["layer_loop_step", "compile_step"]
+
+# decoder layers that are exactly norm -> attention -> residual -> norm -> gated MLP -> residual
+_PLAIN_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+
+
+def _plain_layer(layer, hidden, **attention_kw):
+    """``layer(hidden, **attention_kw)`` for a :data:`_PLAIN_LAYERS` layer, MLP fused."""
+    residual = hidden
+    hidden, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **attention_kw)
+    hidden = residual + hidden
+    return hidden + mlp_forward(layer.mlp, layer.post_attention_layernorm(hidden))
 
 
 def layer_loop_step(body, head, cache_kw: str) -> Callable:
@@ -32,8 +48,10 @@ def layer_loop_step(body, head, cache_kw: str) -> Callable:
         rotary = body.rotary_emb(hidden, positions)
         mask = cache.dummy_mask()  # the patched attention never reads it
         for layer in body.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
-                           position_embeddings=rotary, **{cache_kw: cache})
+            kw = dict(attention_mask=mask, position_ids=positions, use_cache=True,
+                      position_embeddings=rotary, **{cache_kw: cache})
+            plain = type(layer).__name__ in _PLAIN_LAYERS and hasattr(layer.mlp, "gate_proj")
+            hidden = _plain_layer(layer, hidden, **kw) if plain else layer(hidden, **kw)
         cache.step_counts = None
         return head(body.norm(hidden)[:, -1]).float()
 

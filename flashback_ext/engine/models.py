@@ -18,6 +18,8 @@ from typing import Optional, Union
 
 import torch
 
+from ..ops import cpu_flags
+
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "cache_dir", "load_model", "model_folder",
            "cpu_has_bf16", "default_dtype", "resolve_dtype",
            "default_model_path", "tiny_llama", "default_adapter_path", "align_special_tokens"]
@@ -132,11 +134,7 @@ def align_special_tokens(tokenizer, model, gguf_file: Union[str, Path]) -> dict[
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX or AVX512-BF16): there bf16 inference is
     fast; elsewhere bf16 is emulated and slower than fp32. Read from /proc/cpuinfo (Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f" {flag}" in flags for flag in ("amx_bf16", "avx512_bf16"))
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def default_dtype(device: Union[str, torch.device], prefer_bf16_cpu: bool = False) -> torch.dtype:

@@ -12,15 +12,19 @@ validates values itself before every launch.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import Optional, Union
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import torch
 
 from . import reference
 
-__all__ = ["append_attention", "kv_append", "has_cuda_ops", "has_cpu_ops", "compiled_for"]
+__all__ = ["append_attention", "kv_append", "decode_linear", "decode_linear_is_fast", "has_cuda_ops",
+           "has_cpu_ops", "compiled_for", "cpu_flags"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ def _query_kernel(op: str, dispatch_key: str) -> bool:
 # read once: the extension registers its kernels at import, and a table lookup (unlike the
 # dispatcher query) is traceable, so torch.compile keeps the wrappers in its graph
 _KERNELS = {(op, key): _query_kernel(op, key)
-            for op in ("append_attention", "kv_append") for key in ("CPU", "CUDA")}
+            for op in ("append_attention", "kv_append", "decode_linear") for key in ("CPU", "CUDA")}
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
@@ -94,6 +98,31 @@ def _use_compiled(device: torch.device, dtype: torch.dtype, head_dim: int, op: s
         logger.warning("flashback_ext: %s for %s with %s on %s (head dim %d); using the slow "
                        "pure-PyTorch reference", why, op, dtype, kind, head_dim)
     return False
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx512_bf16``, ``amx_bf16``, ...) from /proc/cpuinfo; empty
+    where it cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def decode_linear_is_fast() -> bool:
+    """True when :func:`decode_linear` runs its AVX512-BF16 kernel on this CPU (elsewhere, and
+    with ``FLASHBACK_CPU_GEMM=fp32``, it computes the same product with ``F.linear``)."""
+    return _DECODE_LINEAR_FAST
+
+
+# read once, like the C++ side, and a plain constant so that torch.compile traces the callers
+_DECODE_LINEAR_FAST = (_has_kernel("decode_linear", "CPU") and "avx512_bf16" in cpu_flags()
+                       and os.environ.get("FLASHBACK_CPU_GEMM") != "fp32")
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -266,6 +295,37 @@ def append_attention(
                                       q_lens)
 
 
+def decode_linear(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``x [..., K] . concat(weights)^T -> [..., sum N_i]`` for bf16 CPU tensors, each weight
+    ``[N_i, K]`` as ``nn.Linear`` stores it (no bias).
+
+    Made for decode, where ``x`` has a few rows and the product reads every weight once: several
+    weights (q/k/v, gate/up) go in one call, read where they lie, accumulated in fp32 and rounded
+    to bf16 once. Any number of rows is correct; beyond four the weights are read again per four
+    rows. Raises ``TypeError`` / ``ValueError`` naming the bad argument.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(weights, torch.Tensor) or not weights:
+        raise ValueError("weights must be a non-empty sequence of [N, K] tensors")
+    if x.dim() < 1 or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be a bfloat16 CPU tensor [..., K], got {x.dtype} "
+                         f"{list(x.shape)} on {x.device}")
+    k = x.shape[-1]
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(w).__name__}")
+        if w.dim() != 2 or w.shape[1] != k or w.dtype != torch.bfloat16 or w.device.type != "cpu":
+            raise ValueError(f"weights[{i}] must be a bfloat16 CPU tensor [N, K={k}], got "
+                             f"{w.dtype} {list(w.shape)} on {w.device}")
+    rows = x.reshape(-1, k)
+    if _has_kernel("decode_linear", "CPU"):
+        out = torch.ops.flashback.decode_linear(rows, list(weights))
+    else:
+        out = torch.cat([torch.nn.functional.linear(rows, w) for w in weights], dim=-1)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 # ------------------------------------------------------------------- fake (meta) kernels
 if _EXTENSION_ERROR is None:
 
@@ -275,6 +335,10 @@ if _EXTENSION_ERROR is None:
         out = q.new_empty((batch, sq, hq, d))
         lse = q.new_empty((batch, hq, sq), dtype=torch.float32)
         return out, lse
+
+    @torch.library.register_fake("flashback::decode_linear")
+    def _decode_linear_fake(x, weights):
+        return x.new_empty((x.shape[0], sum(w.shape[0] for w in weights)))
 
     @torch.library.register_fake("flashback::kv_append")
     def _kv_append_fake(k_new, v_new, k_cache, v_cache, write_pos, ring_offset, sink):
