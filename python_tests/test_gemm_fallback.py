@@ -1,8 +1,11 @@
-"""The CPU kernel's other GEMM paths are also correct: the fp32 brgemm fallback (used where torch
-exports no BLAS sgemm_) and, for bf16 on CPUs with AMX, the widen-to-fp32 path used elsewhere.
+"""The CPU kernel's other paths are also correct: the fp32 brgemm fallback (used where torch
+exports no BLAS sgemm_), for bf16 on CPUs with AMX or AVX512-BF16 the widen-to-fp32 path used
+elsewhere, and on CPUs with AVX-512 the AVX2 softmax loops used elsewhere.
 
-The GEMM path is chosen once per process, so each runs in a subprocess with FLASHBACK_CPU_GEMM
-set ("brgemm" or "fp32"; unset, bf16 blocks run on AMX where the CPU has it).
+Each path is chosen once per process, so each runs in a subprocess with FLASHBACK_CPU_GEMM set
+("brgemm" or "fp32"; unset, bf16 blocks run on AMX and bf16 decode items on AVX512-BF16 dot
+products where the CPU has them) or FLASHBACK_CPU_SIMD
+("avx2"; unset, the softmax runs in AVX-512 where the CPU has it).
 """
 import os
 import subprocess
@@ -29,9 +32,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("path", ["brgemm", "fp32"])
-def test_gemm_path_matches_reference(path):
-    env = dict(os.environ, FLASHBACK_CPU_GEMM=path)
+@pytest.mark.parametrize("variable,path", [("FLASHBACK_CPU_GEMM", "brgemm"),
+                                           ("FLASHBACK_CPU_GEMM", "fp32"),
+                                           ("FLASHBACK_CPU_SIMD", "avx2")])
+def test_gemm_path_matches_reference(variable, path):
+    env = dict(os.environ, **{variable: path})
     here = os.path.dirname(__file__)
     env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,

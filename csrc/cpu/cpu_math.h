@@ -1,5 +1,6 @@
 // Math helpers for the CPU attention kernel: 2^x and the two per-row softmax loops, with an
-// AVX2/FMA path (the flags setup.py builds with on x86-64) and a portable scalar path.
+// AVX-512 path (softmax_avx512.cpp, chosen at run time), an AVX2/FMA path (the flags setup.py
+// builds with on x86-64) and a portable scalar path.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +15,12 @@
 #endif
 
 namespace flashback {
+
+// softmax_avx512.cpp: the row loops below in 16 lanes, and whether this CPU (and
+// FLASHBACK_CPU_SIMD) lets them run.
+bool use_avx512_softmax();
+float row_max_avx512(const float* row, int64_t n);
+float exp2_shift_sum_avx512(float* row, int64_t n, float m);
 
 // 2^x for x <= 0 with ~1e-8 relative error: round-to-nearest range reduction to |f| <= 0.5 and a
 // degree-7 Taylor polynomial of e^(f ln 2). Inputs below -126 (including -inf) flush to 0.
@@ -73,6 +80,8 @@ inline float hsum(__m256 v) {
 
 // max(row[0..n)), -inf for n == 0.
 inline float row_max(const float* row, int64_t n) {
+  static const bool wide = use_avx512_softmax();
+  if (wide) return n > 0 ? row_max_avx512(row, n) : -std::numeric_limits<float>::infinity();
   float m = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
 #ifdef FLASHBACK_CPU_AVX2
@@ -86,6 +95,8 @@ inline float row_max(const float* row, int64_t n) {
 
 // row[i] = 2^(row[i] - m) in place for i < n; returns the sum.
 inline float exp2_shift_sum(float* row, int64_t n, float m) {
+  static const bool wide = use_avx512_softmax();
+  if (wide) return exp2_shift_sum_avx512(row, n, m);
   float sum = 0.f;
   int64_t i = 0;
 #ifdef FLASHBACK_CPU_AVX2
