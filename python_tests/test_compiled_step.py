@@ -29,6 +29,8 @@ def test_compiled_step_equals_eager_and_compiles_once(tiny):
     gen = _engine(tiny, compile=True)
     got = gen.generate(PROMPTS, max_new_tokens=12, trace=True, stop_on_eos=False)
     assert got[0].timing.graph_steps > 0 and got[0].timing.compile_s > 0
+    block = gen._decoder.block_step
+    assert block is not None and block.runs >= 3 and block.compile_s > 0  # prompt + 2 retrievals
     for a, b in zip(got, eager):
         assert a.token_ids == b.token_ids
         assert [seq for seq, _ in a.trace] == [seq for seq, _ in b.trace]
@@ -42,6 +44,36 @@ def test_compiled_step_equals_eager_and_compiles_once(tiny):
                          stop_on_eos=False)
     assert counters["stats"]["unique_graphs"] == graphs
     assert again[0].timing.compile_s == 0 and again[0].timing.graph_steps > 0
+    assert block.runs >= 7  # and its blocks (3 + 4) ran compiled
+
+
+def test_compiled_block_only_in_append_mode(tiny):
+    tok = ByteTokenizer(markers=True)
+    prepend = RALMGenerator(tiny, tok, ListRetriever(TEXTS, tok), mode="prepend", stride=5,
+                            query_tokens=8, passage_tokens=12, capacity=256, compile=True)
+    prepend.generate(PROMPTS, max_new_tokens=6, stop_on_eos=False)
+    assert prepend._decoder.block_step is None
+
+
+def test_a_failing_compiled_block_falls_back_to_eager(tiny, caplog):
+    # the reference: the eager static step after the same warm-up call on its kept cache
+    static = _engine(tiny, cuda_graphs=True)
+    static.generate(PROMPTS, max_new_tokens=2, stop_on_eos=False)
+    want = static.generate(PROMPTS, max_new_tokens=12, stop_on_eos=False)
+    gen = _engine(tiny, compile=True)
+    gen.generate(PROMPTS, max_new_tokens=2, stop_on_eos=False)  # builds the kept steps
+
+    def broken(ids, positions, cache, counts):
+        cache.step_counts = counts
+        cache.ring.append_on_device(0, *[torch.zeros(ids.shape[0], cache.ring.num_kv_heads,
+                                                     ids.shape[1], cache.ring.head_dim)] * 2,
+                                    counts)  # one layer advanced, then the failure
+        raise RuntimeError("graph break")
+
+    gen._decoder.block_step._compiled = broken
+    got = gen.generate(PROMPTS, max_new_tokens=12, stop_on_eos=False)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert "forwarding blocks eagerly" in caplog.text and gen._decoder.block_step.failed
 
 
 def test_compiled_step_in_bf16_stays_within_bf16_error(tiny):

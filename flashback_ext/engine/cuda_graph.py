@@ -65,10 +65,14 @@ class DecodeGraph:
         compiled: run the step compiled with torch.compile (:mod:`.compiled_step`; CPU only:
             on CUDA the graph replay already removes the per-call cost). The first step
             compiles (tens of seconds); :attr:`compile_s` records how long it took.
+        block_tokens: with ``compiled``, also compile the append mode's retrieval block, padded
+            to this many tokens, on the same cache (:attr:`block_step`, a
+            :class:`~.compiled_step.CompiledBlock`).
     """
 
     def __init__(self, body, head, cache: FlashBackCache, cache_kw: str, pad_id: int = 0, *,
-                 capture: bool = True, warmup: int = 2, compiled: bool = False) -> None:
+                 capture: bool = True, warmup: int = 2, compiled: bool = False,
+                 block_tokens: Optional[int] = None) -> None:
         self.body, self.head, self.cache, self.cache_kw = body, head, cache, cache_kw
         self.pad_id = int(pad_id)
         ring = cache.ring
@@ -88,13 +92,16 @@ class DecodeGraph:
         self.replays = 0
         self._compiled = None
         self.compile_s = 0.0  # the first compiled step: tracing and code generation
+        self.block_step = None
         if compiled:
             if self.device.type != "cpu":
                 raise ValueError("compiled decode steps are built for the CPU; on CUDA the "
                                  "graph replay removes the per-call cost")
-            from .compiled_step import compile_step, layer_loop_step
+            from .compiled_step import CompiledBlock, compile_step, layer_loop_step
 
             self._compiled = compile_step(layer_loop_step(body, head, cache_kw))
+            if block_tokens:
+                self.block_step = CompiledBlock(body, head, cache, cache_kw, block_tokens, pad_id)
 
     @property
     def captured(self) -> bool:

@@ -62,10 +62,11 @@ class RALMGenerator:
             between calls of the same batch size (capacity rounded up to 256 slots when not
             given) until :meth:`release_graphs`. ``True`` on the CPU runs the same static step
             eagerly (what the CPU tests check).
-        compile: CPU only: run that static decode step compiled by torch.compile
-            (:mod:`.compiled_step`). The first decode step of a new cache compiles it (tens of
-            seconds, reported as ``Timing.compile_s`` and left out of ``decode_s``); later calls
-            that fit the kept cache reuse it without recompiling. The weights are frozen into
+        compile: CPU only: run that static decode step, and in append mode the retrieval
+            block, compiled by torch.compile (:mod:`.compiled_step`). The first decode step and
+            the first block of a new cache compile them (tens of seconds each, reported as
+            ``Timing.compile_s`` and left out of ``decode_s`` / ``block_s``); later calls that
+            fit the kept cache reuse them without recompiling. The weights are frozen into
             the compiled step: do not change them in place while the engine is in use.
     """
 
@@ -126,9 +127,17 @@ class RALMGenerator:
             cache = FlashBackCache.for_model(self.model, batch, slots, overflow=self.overflow,
                                              sink=self.sink)
             dec = self._decoder = DecodeGraph(self._body, self._head, cache, self._cache_kw,
-                                              self.pad_id, compiled=self.compile)
+                                              self.pad_id, compiled=self.compile,
+                                              block_tokens=self._block_tokens())
         dec.cache.reset()
         return dec.cache, dec
+
+    def _block_tokens(self) -> Optional[int]:
+        """The longest append-mode retrieval block ``[last stride | E | echo]`` (E: k passages
+        and two markers), which the compiled block is padded to; None in the other modes."""
+        if self.mode != "append":
+            return None
+        return self.stride + self.k * self.passage_tokens + 2 + self.echo_tokens
 
     # ------------------------------------------------------------------------------ helpers
     def passage_block(self, hits) -> list[int]:
@@ -158,11 +167,16 @@ class RALMGenerator:
         counts = [len(block) for block in step.blocks]
         if step.kind == "block":
             timing.block_tokens += sum(counts)
+        block_step = decoder.block_step if decoder is not None else None
+        out = None
         if step.kind == "decode" and decoder is not None and decoder.fits(counts):
             out = decoder.step([block[0] if block else None for block in step.blocks],
                                shifts if any(shifts) else None)
-            logits = [out[b] if counts[b] else None for b in range(len(seqs))]
             timing.graph_steps += 1
+        elif step.kind == "block" and block_step is not None and block_step.fits(counts):
+            out = block_step.run(step.blocks, rope if explicit else None)  # None: it failed
+        if out is not None:
+            logits = [out[b] if counts[b] else None for b in range(len(seqs))]
         else:
             logits = self._forward(cache, step.blocks, rope if explicit else None)
         if self.device.type == "cuda":  # the sampler waits for the logits anyway: time them
@@ -307,6 +321,8 @@ class RALMGenerator:
         start = time.perf_counter()
         cache, decoder = self._cache_for(len(tokens), self._capacity(tokens, max_new))
         compiled_before = decoder is not None and decoder.compile_s > 0
+        block_step = decoder.block_step if decoder is not None else None
+        block_compiled_before = block_step is not None and block_step.compile_s > 0
         seqs = [SequenceState(list(t), len(t)) for t in tokens]
         timing = Timing()
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed, banned=self.markers or ())
@@ -339,5 +355,8 @@ class RALMGenerator:
         if decoder is not None and decoder.compile_s and not compiled_before:
             timing.compile_s = decoder.compile_s  # it ran in the first decode step
             timing.decode_s -= decoder.compile_s
+        if block_step is not None and block_step.compile_s and not block_compiled_before:
+            timing.compile_s += block_step.compile_s  # it ran in the first retrieval block
+            timing.block_s -= block_step.compile_s
         timing.total_s = time.perf_counter() - start
         return [s.result(self.tokenizer, timing) for s in seqs]

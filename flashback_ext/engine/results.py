@@ -33,7 +33,7 @@ class Timing:
     graph_steps: int = 0  # decode steps run by the DecodeGraph (CUDA replays; its static step elsewhere)
     retrievals: int = 0
     block_tokens: int = 0  # tokens forwarded in retrieval blocks, the whole batch
-    compile_s: float = 0.0  # compiling the decode step (compile=True), not part of decode_s
+    compile_s: float = 0.0  # compiling the decode step and block (compile=True), not in decode_s/block_s
     # the vLLM driver: time waiting for the engine's requests (prefill and decode, which it does
     # not split), prompt tokens sent and those its prefix cache served (when it reports them)
     engine_s: float = 0.0
