@@ -134,10 +134,12 @@ class RALMGenerator:
 
     def _block_tokens(self) -> Optional[int]:
         """The longest append-mode retrieval block ``[last stride | E | echo]`` (E: k passages
-        and two markers), which the compiled block is padded to; None in the other modes."""
+        and the two markers, if any), which the compiled block is padded to; None in the other
+        modes."""
         if self.mode != "append":
             return None
-        return self.stride + self.k * self.passage_tokens + 2 + self.echo_tokens
+        markers = 2 if self.markers else 0
+        return self.stride + self.k * self.passage_tokens + markers + self.echo_tokens
 
     # ------------------------------------------------------------------------------ helpers
     def passage_block(self, hits) -> list[int]:
