@@ -411,9 +411,15 @@ std::tuple<at::Tensor, at::Tensor> append_attention_cpu(
               "CPU append_attention supports float32 and bfloat16, got ", q.scalar_type());
   const int64_t batch = q.size(0), hq = q.size(1), sq = q.size(2), d = q.size(3);
   auto seqs = read_lengths(kv_lens, ring_offset, q_lens, sq, k_cache.size(2), sink);
-  auto out = at::zeros({batch, sq, hq, d}, q.options());
-  auto lse = at::full({batch, hq, sq}, -std::numeric_limits<float>::infinity(),
-                      q.options().dtype(at::kFloat));
+  auto out = at::empty({batch, sq, hq, d}, q.options());
+  auto lse = at::empty({batch, hq, sq}, q.options().dtype(at::kFloat));
+  // the kernel writes every row below q_lens[b]; the rows past it are zero / -inf by contract
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t live = seqs[b].q_len;
+    if (live == sq) continue;
+    out[b].narrow(0, live, sq - live).zero_();
+    lse[b].narrow(1, live, sq - live).fill_(-std::numeric_limits<float>::infinity());
+  }
   if (q.scalar_type() == at::kFloat) {
     run_attention<float>(q, k_cache, v_cache, seqs, sink, scale, out, lse);
   } else {

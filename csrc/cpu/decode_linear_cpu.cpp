@@ -141,27 +141,33 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weight_list) {
 #ifdef FLASHBACK_DECODE_LINEAR_X86
   const at::Tensor xc = x.contiguous();
   for (auto& w : weights) w = w.contiguous();
-  at::Tensor acc = at::empty({m_rows, n_total}, x.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({m_rows, n_total}, x.options());
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  float* accp = acc.data_ptr<float>();
+  c10::BFloat16* outp = out.data_ptr<c10::BFloat16>();
   const int64_t blocks = (n_total + kBlock - 1) / kBlock;
   // contiguous ranges of weight rows per thread: each streams its share of the matrices once
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    int64_t n = b0 * kBlock;
-    const int64_t n_end = std::min(n_total, b1 * kBlock);
-    size_t wi = 0;
-    while (n < n_end) {
-      while (starts[wi] + weights[wi].size(0) <= n) ++wi;
-      const int64_t stop = std::min(n_end, starts[wi] + weights[wi].size(0));
-      const auto* wp = reinterpret_cast<const uint16_t*>(weights[wi].data_ptr()) +
-                       (n - starts[wi]) * k_len;
-      for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRows)
-        dot_rows_any(std::min(kMaxRows, m_rows - m0), xp + m0 * k_len, k_len, wp, k_len,
-                     stop - n, accp + m0 * n_total + n, n_total);
-      n = stop;
+    float acc[kMaxRows * kBlock];  // one block's fp32 sums, rounded to bf16 once
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kBlock, n1 = std::min(n_total, n0 + kBlock);
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRows) {
+        const int64_t rows = std::min(kMaxRows, m_rows - m0);
+        for (int64_t n = n0; n < n1;) {  // the block may span two weights
+          size_t wi = 0;
+          while (starts[wi] + weights[wi].size(0) <= n) ++wi;
+          const int64_t stop = std::min(n1, starts[wi] + weights[wi].size(0));
+          const auto* wp = reinterpret_cast<const uint16_t*>(weights[wi].data_ptr()) +
+                           (n - starts[wi]) * k_len;
+          dot_rows_any(rows, xp + m0 * k_len, k_len, wp, k_len, stop - n, acc + (n - n0), kBlock);
+          n = stop;
+        }
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t n = n0; n < n1; ++n)
+            outp[(m0 + m) * n_total + n] = c10::BFloat16(acc[m * kBlock + (n - n0)]);
+      }
     }
   });
-  return acc.to(at::kBFloat16);
+  return out;
 #else
   TORCH_CHECK(false, "decode_linear: unreachable without x86-64");
 #endif
