@@ -324,7 +324,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--modes", default=None,
                         help="default: engine-append,engine-prepend,hf-append,hf-prepend,engine-none"
-                             " (plus compiled-append on cpu: the torch.compile'd decode step;"
+                             " (plus compiled-append on cpu: the torch.compile'd decode step and block;"
                              " eager-append,eager-prepend on cuda)")
     parser.add_argument("--batch", type=int, default=0,
                         help="also time engine-append on this many prompts of different lengths")

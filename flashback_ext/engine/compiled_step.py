@@ -2,8 +2,9 @@
 
 In eager mode a SmolLM2 decode step on two CPU cores spends most of its time in per-call
 overhead: hundreds of small projections, norms and RoPE calls (docs/PERFORMANCE.md). Compiled,
-the glue between the projections is fused into a few C++ kernels and, with inductor's freezing,
-the bf16 projections run oneDNN's prepacked weights.
+the glue between the projections is fused into a few C++ kernels; the decode-sized bf16
+projections run as fused weight-streaming products (:mod:`.projections`) and, with inductor's
+freezing, the others on oneDNN's prepacked weights.
 
 The step is an explicit loop over the decoder layers (embedding, rotary embedding, every layer,
 final norm, LM head) rather than a call of the Hugging Face model's ``forward``, whose
