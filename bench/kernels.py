@@ -203,18 +203,23 @@ def finish_case(op, shape, ours, peers, nbytes, flops, ceilings, **extra) -> dic
     best_peer = min(valid) if valid else None
     return dict(op=op, **shape, ours_ms=ours, peers_ms=peers, bytes=nbytes, flops=flops,
                 GBps=nbytes / ours / 1e6, TFLOPs=flops / ours / 1e9, roofline_ms=roof_ms,
+                roofline_matmul_TFLOPs=ceilings["matmul_TFLOPs"],
                 pct_roofline=100 * roof_ms / ours,
                 speedup_vs_best_peer=(best_peer / ours) if best_peer else None, **extra)
 
 
 # ---------------------------------------------------------------------------------- suites
 def cpu_suite(ceilings) -> list[dict]:
+    """``ceilings`` holds the fp32 matmul rate and ``bf16_matmul_TFLOPs``: each case's roofline
+    uses the rate of its own dtype."""
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
+        own = ceilings if dtype == torch.float32 else dict(
+            ceilings, matmul_TFLOPs=ceilings["bf16_matmul_TFLOPs"], matmul_dtype="bf16")
         for hq, hkv, d in ((32, 8, 128), (9, 3, 64)):
             for sq in (1, 144):
                 print(f"cpu {dtype} Hq={hq} Hkv={hkv} D={d} Sq={sq} L=4096")
-                cases.append(bench_attention("cpu", dtype, 1, hq, hkv, sq, 4096, d, ceilings))
+                cases.append(bench_attention("cpu", dtype, 1, hq, hkv, sq, 4096, d, own))
     cases.append(bench_kv_append("cpu", torch.float32, 1, 8, 144, 128, 8192, ceilings))
     return cases
 
@@ -305,8 +310,12 @@ def main() -> None:
         sys.exit("no CUDA device visible; run with --device cpu")
     torch.manual_seed(0)
     ceilings = measure_ceilings(args.device)
+    bf16 = ""
+    if args.device == "cpu":  # bf16 cases take the bf16 matmul rate (AMX / AVX512-BF16)
+        ceilings["bf16_matmul_TFLOPs"] = measure_ceilings("cpu", torch.bfloat16)["matmul_TFLOPs"]
+        bf16 = f", bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.2f} TFLOP/s"
     print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, {ceilings['matmul_dtype']} matmul "
-          f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s")
+          f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s{bf16}")
     cases = cpu_suite(ceilings) if args.device == "cpu" else cuda_suite(ceilings, args.quick)
     print_table(cases)
     name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
