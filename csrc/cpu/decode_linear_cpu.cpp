@@ -14,9 +14,10 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "tile_dot_bf16.h"  // cpu_has_avx512_bf16, FLASHBACK_AVX512_BF16
+
+#ifdef FLASHBACK_AVX512_BF16_X86
 #include <immintrin.h>
-#define FLASHBACK_DECODE_LINEAR_X86 1
 #endif
 
 namespace flashback {
@@ -30,12 +31,7 @@ bool avx512_bf16_available() {
   static const bool ok = [] {
     const char* forced = std::getenv("FLASHBACK_CPU_GEMM");  // "fp32": test the fallback
     if (forced != nullptr && std::strcmp(forced, "fp32") == 0) return false;
-#ifdef FLASHBACK_DECODE_LINEAR_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-#else
-    return false;
-#endif
+    return cpu_has_avx512_bf16();
   }();
   return ok;
 }
@@ -47,9 +43,7 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-#ifdef FLASHBACK_DECODE_LINEAR_X86
-#define FLASHBACK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
+#ifdef FLASHBACK_AVX512_BF16_X86
 // acc[m][i] += x[m, k:k+32] . w[i, k:k+32] for one 32-wide slice of K (masked: the last slice
 // when K % 32 != 0).
 template <int M>
@@ -138,7 +132,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weight_list) {
     for (const auto& w : weights) parts.push_back(at::linear(x, w));
     return at::cat(parts, 1);
   }
-#ifdef FLASHBACK_DECODE_LINEAR_X86
+#ifdef FLASHBACK_AVX512_BF16_X86
   const at::Tensor xc = x.contiguous();
   for (auto& w : weights) w = w.contiguous();
   at::Tensor out = at::empty({m_rows, n_total}, x.options());

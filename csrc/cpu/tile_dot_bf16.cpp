@@ -4,30 +4,35 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef FLASHBACK_AVX512_BF16_X86
 #include <immintrin.h>
-#define FLASHBACK_TILE_DOT_X86 1
-#define FLASHBACK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #endif
 
 namespace flashback {
+
+bool cpu_has_avx512_bf16() {
+#ifdef FLASHBACK_AVX512_BF16_X86
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
 
 bool Bf16DotTiles::available() {
   static const bool ok = [] {
     const char* forced = std::getenv("FLASHBACK_CPU_GEMM");  // "fp32" / "brgemm": other paths
     if (forced != nullptr && (std::strcmp(forced, "fp32") == 0 || std::strcmp(forced, "brgemm") == 0))
       return false;
-#ifdef FLASHBACK_TILE_DOT_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-#else
-    return false;
-#endif
+    return cpu_has_avx512_bf16();
   }();
   return ok;
 }
 
-#ifdef FLASHBACK_TILE_DOT_X86
+#ifdef FLASHBACK_AVX512_BF16_X86
 namespace {
 
 // 16 bf16 -> 16 fp32 (exact: a bf16 is the top half of an fp32)
@@ -82,14 +87,14 @@ FLASHBACK_AVX512_BF16 void pv_impl(int64_t m, int64_t n, int64_t d, const float*
 
 void Bf16DotTiles::qk(int64_t m, int64_t n, int64_t d, const c10::BFloat16* q, int64_t ldq,
                       const c10::BFloat16* k, float scale, float* s, int64_t lds) {
-#ifdef FLASHBACK_TILE_DOT_X86
+#ifdef FLASHBACK_AVX512_BF16_X86
   qk_impl(m, n, d, q, ldq, k, scale, s, lds);
 #endif
 }
 
 void Bf16DotTiles::pv_accumulate(int64_t m, int64_t n, int64_t d, const float* p, int64_t ldp,
                                  const c10::BFloat16* v, float* o) {
-#ifdef FLASHBACK_TILE_DOT_X86
+#ifdef FLASHBACK_AVX512_BF16_X86
   pv_impl(m, n, d, p, ldp, v, o);
 #endif
 }

@@ -8,7 +8,17 @@
 
 #include <cstdint>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FLASHBACK_AVX512_BF16_X86 1
+// functions built for AVX512-BF16 whatever the flags of the rest of the extension
+#define FLASHBACK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#endif
+
 namespace flashback {
+
+// Whether this CPU has AVX512-BF16 (and AVX512-BW), read once. Callers add their own
+// FLASHBACK_CPU_GEMM test settings.
+bool cpu_has_avx512_bf16();
 
 class Bf16DotTiles {
  public:
